@@ -1,0 +1,1 @@
+"""GPU worker: the inference engine (model, paged KV cache, scheduler) and, later, its process wrapper."""

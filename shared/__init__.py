@@ -1,0 +1,1 @@
+"""KunServe-mesh: parameter-centric LLM serving (drop replicated parameters under KV bursts)."""
