@@ -1,0 +1,231 @@
+"""The engine loop: ``step()`` = schedule -> execute -> update.
+
+``LLMEngine`` wires a model stage, its KV cache, the block manager, the scheduler and the
+detokenizers together for one instance holding the whole model. It is transport-free: the
+worker process (and the ``kunserve generate`` CLI) drive it by calling ``add_request`` and
+``step``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from kunserve.worker.block_manager import BlockManager
+from kunserve.worker.checkpoint import TORCH_DTYPES, load_stage
+from kunserve.worker.detokenizer import IncrementalDetokenizer
+from kunserve.worker.kv_cache import KVCache
+from kunserve.worker.memory_budget import (
+    KVGeometry,
+    MemoryPlan,
+    activation_reserve,
+    default_cpu_budget,
+    plan_memory,
+)
+from kunserve.worker.model_runner import ModelRunner
+from kunserve.worker.request import Request, RequestStatus
+from kunserve.worker.sampling_params import SamplingParams
+from kunserve.worker.scheduler import Scheduler, SchedulerConfig
+from tokenizers import Tokenizer
+
+
+@dataclass
+class EngineConfig:
+    model: str
+    dtype: str = "float32"
+    memory_per_instance: int | None = None  # bytes; None: parameters take 40% (CPU)
+    reserve_bytes: int | None = None  # None: activation_reserve() for the largest step
+    block_size: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    num_threads: int | None = None  # torch intra-op threads; None: all cores
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    error: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+@dataclass
+class Completion:
+    """A finished request, as ``generate`` returns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.config = config
+        self.stage = load_stage(config.model, dtype=config.dtype)
+        self.model_config = self.stage.config
+        self.tokenizer = _load_tokenizer(Path(config.model))
+        self.memory = self._plan_memory()
+        geometry = self._geometry()
+        self.kv_cache = KVCache(geometry, self.memory.num_blocks, TORCH_DTYPES[config.dtype])
+        self.block_manager = BlockManager(self.memory.num_blocks, config.block_size)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
+                            self.max_model_len),
+            self.block_manager)
+        self.runner = ModelRunner(self.stage, self.kv_cache)
+        self._detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self._rejected: list[RequestOutput] = []
+        self._next_id = 0
+
+    def _geometry(self) -> KVGeometry:
+        c = self.model_config
+        return KVGeometry(layers_held=self.stage.layer_range.size, block_size=self.config.block_size,
+                          num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                          dtype_bytes=TORCH_DTYPES[self.config.dtype].itemsize)
+
+    def _plan_memory(self) -> MemoryPlan:
+        c, cfg = self.model_config, self.config
+        params = self.stage.parameter_bytes()
+        reserve = cfg.reserve_bytes
+        if reserve is None:
+            reserve = activation_reserve(c.hidden_size, c.intermediate_size,
+                                         c.q_size + 2 * c.kv_size, c.vocab_size,
+                                         cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                         TORCH_DTYPES[cfg.dtype].itemsize)
+        budget = cfg.memory_per_instance or default_cpu_budget(params) + reserve
+        return plan_memory(budget, params, reserve, self._geometry())
+
+    # -- requests ----------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a request. An invalid one (too long, bad token ids) is not raised: it comes
+        back from the next ``step`` as finished with ``finish_reason='error'`` and the reason,
+        so the other requests carry on."""
+        params = params or SamplingParams()
+        request_id = request_id or self._new_id()
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        error = self._check_prompt(prompt_ids)
+        if error:
+            self._rejected.append(RequestOutput(request_id, [], "", True, "error", error,
+                                                num_prompt_tokens=len(prompt_ids)))
+            return request_id
+        request = Request(request_id, prompt_ids, params, self.model_config.eos_token_ids,
+                          arrival_time=time.monotonic())
+        self.scheduler.add_request(request)
+        if self.tokenizer is not None:
+            self._detokenizers[request_id] = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, stop=params.stop)
+        return request_id
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError("this checkpoint has no tokenizer.json: pass prompt token ids")
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _check_prompt(self, prompt_ids: list[int]) -> str | None:
+        if not prompt_ids:
+            return "the prompt is empty"
+        if len(prompt_ids) >= self.max_model_len:
+            return (f"the prompt has {len(prompt_ids)} tokens; this model's maximum context "
+                    f"length is {self.max_model_len} (prompt plus at least one output token)")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            return f"prompt token ids must be in [0, {vocab})"
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if len(prompt_ids) + 1 > capacity:
+            return (f"the prompt needs {len(prompt_ids) + 1} tokens of KV cache but this "
+                    f"instance holds only {capacity}")
+        return None
+
+    def abort_request(self, request_id: str) -> None:
+        self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        self._detokenizers.pop(request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._rejected)
+
+    def _new_id(self) -> str:
+        self._next_id += 1
+        return f"req-{self._next_id}"
+
+    # -- the loop ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        outputs, self._rejected = self._rejected, []
+        scheduled = self.scheduler.schedule()
+        sampled = self.runner.execute(scheduled)
+        for request, new_ids in self.scheduler.update_from_output(scheduled, sampled):
+            outputs.append(self._output(request, new_ids))
+        return outputs
+
+    def _output(self, request: Request, new_ids: list[int]) -> RequestOutput:
+        text = ""
+        detok = self._detokenizers.get(request.request_id)
+        if detok is not None:
+            text = detok.append(new_ids)
+            if detok.stopped and not request.finished:
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            elif request.finished:
+                text += detok.flush()
+            if request.finished:
+                del self._detokenizers[request.request_id]
+        return RequestOutput(request.request_id, new_ids, text, request.finished,
+                             request.status.finish_reason,
+                             num_prompt_tokens=request.num_prompt_tokens,
+                             num_output_tokens=request.num_output_tokens)
+
+    def generate(self, prompts: list[str | list[int]],
+                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+        """Run all prompts concurrently to completion; results in input order."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list, strict=True)]
+        results = {
+            i: Completion(i, self._prompt_ids(p)) for i, p in zip(ids, prompts, strict=True)}
+        while self.has_unfinished():
+            for out in self.step():
+                done = results[out.request_id]
+                done.token_ids.extend(out.new_token_ids)
+                done.text += out.new_text
+                if out.finished:
+                    done.finish_reason, done.error = out.finish_reason, out.error
+        return [results[i] for i in ids]
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def memory_report(self) -> dict[str, int]:
+        usage = self.block_manager.usage()
+        return {
+            "budget_bytes": self.memory.budget_bytes,
+            "parameter_bytes": self.memory.parameter_bytes,
+            "reserve_bytes": self.memory.reserve_bytes,
+            "kv_bytes": self.kv_cache.nbytes,
+            "block_bytes": self.memory.block_bytes,
+            "blocks_total": usage.total,
+            "blocks_used": usage.used,
+            "blocks_free": usage.free,
+        }
+
+
+def _load_tokenizer(path: Path) -> Tokenizer | None:
+    file = path / "tokenizer.json"
+    return Tokenizer.from_file(str(file)) if file.is_file() else None
+
+
+def default_num_threads() -> int:
+    return max(1, os.cpu_count() or 1)

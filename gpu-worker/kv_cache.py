@@ -1,0 +1,43 @@
+"""KV-cache storage in the block-major layout of DESIGN §3.
+
+    storage view: (num_blocks, layers_held, 2, block_size, kv_heads, head_dim)
+
+A block holds every held layer's keys and values for ``block_size`` tokens, so the bytes of one
+block of L layers are exactly the bytes of g blocks of L/g layers: a worker that drops layers
+re-reads its storage with a new geometry instead of copying. The storage is one flat tensor;
+on CPU ``torch.empty`` only reserves address space and the kernel commits pages when they are
+first written, so unused blocks cost no memory.
+"""
+
+from __future__ import annotations
+
+import torch
+from kunserve.worker.memory_budget import KVGeometry
+
+
+class KVCache:
+    def __init__(self, geometry: KVGeometry, num_blocks: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu") -> None:
+        self.geometry = geometry
+        self.num_blocks = num_blocks
+        self.storage = torch.empty(num_blocks * self._block_elements(), dtype=dtype,
+                                   device=device)
+        self._layers = self._layer_views()
+
+    def _block_elements(self) -> int:
+        g = self.geometry
+        return g.layers_held * 2 * g.block_size * g.num_kv_heads * g.head_dim
+
+    def _layer_views(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        g = self.geometry
+        blocks = self.storage[: self.num_blocks * self._block_elements()].view(
+            self.num_blocks, g.layers_held, 2, g.block_size, g.num_kv_heads, g.head_dim)
+        return [(blocks[:, i, 0], blocks[:, i, 1]) for i in range(g.layers_held)]
+
+    def layer_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per held layer, (k, v) views of shape (num_blocks, block_size, kv_heads, hd)."""
+        return self._layers
+
+    @property
+    def nbytes(self) -> int:
+        return self.num_blocks * self.geometry.block_bytes

@@ -1,0 +1,98 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a pipeline stage.
+
+A stage holds a contiguous layer range. The first stage embeds token ids, the last applies the
+final norm and LM head; any stage maps hidden states (N, H) to hidden states (N, H). The model
+knows nothing about scheduling: it gets flattened tokens, positions and attention metadata.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kunserve.worker.layer_range import LayerRange
+from kunserve.worker.model.attention import AttentionMetadata, paged_attention
+from kunserve.worker.model.rope import RotaryEmbedding, apply_rotary
+from kunserve.worker.model_config import ModelConfig
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)  # (N, H)
+        return self.weight * x32.to(dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
+                                  bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self._attention(self.input_layernorm(x), rope, kv, meta)
+        return x + self._mlp(self.post_attention_layernorm(x))
+
+    def _attention(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                   kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        c = self.config
+        n = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([c.q_size, c.kv_size, c.kv_size], dim=-1)
+        q = apply_rotary(q.view(n, c.num_heads, c.head_dim), *rope)  # (N, h, hd)
+        k = apply_rotary(k.view(n, c.num_kv_heads, c.head_dim), *rope)  # (N, kvh, hd)
+        v = v.view(n, c.num_kv_heads, c.head_dim)  # (N, kvh, hd)
+        out = paged_attention(q, k, v, kv[0], kv[1], meta)  # (N, h, hd)
+        return self.o_proj(out.reshape(n, c.q_size))  # (N, H)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, I) each
+        return self.down_proj(F.silu(gate) * up)  # (N, H)
+
+
+class LlamaStage(nn.Module):
+    """Layers ``[start, end)`` of a Llama-family model."""
+
+    def __init__(self, config: ModelConfig, layers: LayerRange, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_range = layers
+        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
+                             if layers.is_first else None)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layers.size))
+        if layers.is_last:
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim,
+                                      config.max_position_embeddings, dtype)
+
+    def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata) -> torch.Tensor:
+        """``inputs``: token ids (N,) on the first stage, else hidden states (N, H).
+        ``kv_caches[i]``: (k, v) cache views of this stage's i-th layer. Returns (N, H),
+        normed when this is the last stage."""
+        x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # (N, H)
+        rope = self.rotary.lookup(positions)
+        for layer, kv in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, rope, kv, meta)
+        return self.norm(x) if self.layer_range.is_last else x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(S, H) final hidden states -> (S, V) float32 logits."""
+        return self.lm_head(hidden).float()
+
+    def parameter_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.parameters())
