@@ -18,6 +18,7 @@ from kunserve.worker.block_manager import BlockManager
 from kunserve.worker.checkpoint import TORCH_DTYPES, load_stage
 from kunserve.worker.detokenizer import IncrementalDetokenizer
 from kunserve.worker.kv_cache import KVCache
+from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.memory_budget import (
     KVGeometry,
     MemoryPlan,
@@ -25,6 +26,7 @@ from kunserve.worker.memory_budget import (
     default_cpu_budget,
     plan_memory,
 )
+from kunserve.worker.model_config import ModelConfig
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.sampling_params import SamplingParams
@@ -42,7 +44,8 @@ class EngineConfig:
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # None: the model's max_position_embeddings
-    num_threads: int | None = None  # torch intra-op threads; None: all cores
+    num_threads: int | None = None  # torch intra-op threads; None: torch's default
+    num_stages: int = 1  # >1: run the model as that many chained in-process stages
 
 
 @dataclass
@@ -76,32 +79,37 @@ class LLMEngine:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
-        self.stage = load_stage(config.model, dtype=config.dtype)
-        self.model_config = self.stage.config
+        self.model_config = ModelConfig.from_dir(config.model)
+        num_layers = self.model_config.num_layers
+        self.stages = [
+            load_stage(config.model, LayerRange.for_stage(r, config.num_stages, num_layers),
+                       dtype=config.dtype)
+            for r in range(config.num_stages)]
         self.tokenizer = _load_tokenizer(Path(config.model))
         self.memory = self._plan_memory()
-        geometry = self._geometry()
-        self.kv_cache = KVCache(geometry, self.memory.num_blocks, TORCH_DTYPES[config.dtype])
+        self.kv_caches = [
+            KVCache(self._geometry(stage.layer_range.size), self.memory.num_blocks,
+                    TORCH_DTYPES[config.dtype]) for stage in self.stages]
         self.block_manager = BlockManager(self.memory.num_blocks, config.block_size)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
                             self.max_model_len),
             self.block_manager)
-        self.runner = ModelRunner(self.stage, self.kv_cache)
+        self.runner = ModelRunner(self.stages, self.kv_caches)
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._rejected: list[RequestOutput] = []
         self._next_id = 0
 
-    def _geometry(self) -> KVGeometry:
+    def _geometry(self, layers_held: int) -> KVGeometry:
         c = self.model_config
-        return KVGeometry(layers_held=self.stage.layer_range.size, block_size=self.config.block_size,
+        return KVGeometry(layers_held=layers_held, block_size=self.config.block_size,
                           num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
                           dtype_bytes=TORCH_DTYPES[self.config.dtype].itemsize)
 
     def _plan_memory(self) -> MemoryPlan:
         c, cfg = self.model_config, self.config
-        params = self.stage.parameter_bytes()
+        params = sum(stage.parameter_bytes() for stage in self.stages)
         reserve = cfg.reserve_bytes
         if reserve is None:
             reserve = activation_reserve(c.hidden_size, c.intermediate_size,
@@ -109,7 +117,7 @@ class LLMEngine:
                                          cfg.max_num_batched_tokens, cfg.max_num_seqs,
                                          TORCH_DTYPES[cfg.dtype].itemsize)
         budget = cfg.memory_per_instance or default_cpu_budget(params) + reserve
-        return plan_memory(budget, params, reserve, self._geometry())
+        return plan_memory(budget, params, reserve, self._geometry(c.num_layers))
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -214,7 +222,7 @@ class LLMEngine:
             "budget_bytes": self.memory.budget_bytes,
             "parameter_bytes": self.memory.parameter_bytes,
             "reserve_bytes": self.memory.reserve_bytes,
-            "kv_bytes": self.kv_cache.nbytes,
+            "kv_bytes": sum(cache.nbytes for cache in self.kv_caches),
             "block_bytes": self.memory.block_bytes,
             "blocks_total": usage.total,
             "blocks_used": usage.used,

@@ -12,7 +12,7 @@ import torch
 from kunserve.worker.kv_cache import KVCache
 from kunserve.worker.model.attention import AttentionMetadata, PrefillSpan
 from kunserve.worker.model.llama import LlamaStage
-from kunserve.worker.sampler import Sampler
+from kunserve.worker.sampler import Sampler, make_generator
 from kunserve.worker.scheduler_output import ScheduledChunk, SchedulerOutput
 
 
@@ -29,12 +29,21 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, stage: LlamaStage, kv_cache: KVCache) -> None:
-        self.stage = stage
-        self.kv_cache = kv_cache
-        self.block_size = kv_cache.geometry.block_size
+    """Runs one or more chained stages in this process, each with its own KV cache.
+
+    A worker holding the whole model has one stage. Several chained stages (each a layer
+    range, all sharing one block table per request) prove that a split model computes exactly
+    what the whole model does; across processes the pipeline does the same over the network.
+    """
+
+    def __init__(self, stages: list[LlamaStage], kv_caches: list[KVCache]) -> None:
+        if not stages[0].layer_range.is_first or not stages[-1].layer_range.is_last:
+            raise ValueError("the chained stages must cover the model from first to last layer")
+        self.stages = stages
+        self.kv_caches = kv_caches
+        self.block_size = kv_caches[0].geometry.block_size
         self.sampler = Sampler()
-        self.dtype = kv_cache.storage.dtype
+        self.dtype = kv_caches[0].storage.dtype
         self._generators: dict[str, torch.Generator] = {}
 
     @torch.inference_mode()
@@ -44,13 +53,19 @@ class ModelRunner:
             self._generators.pop(request_id, None)
         if out.is_empty:
             return {}
+        logits, chunks = self.forward(out)
+        return self.sample(logits, chunks) if chunks else {}
+
+    def forward(self, out: SchedulerOutput) -> tuple[torch.Tensor, list[ScheduledChunk]]:
+        """Run every stage; logits (S, V) of the chunks that sample, in that order."""
         inputs = self.prepare_inputs(out.chunks)
-        hidden = self.stage(inputs.input_ids, inputs.positions, self.kv_cache.layer_caches(),
-                            inputs.meta)  # (N, H)
+        x = inputs.input_ids  # (N,) then (N, H)
+        for stage, cache in zip(self.stages, self.kv_caches, strict=True):
+            x = stage(x, inputs.positions, cache.layer_caches(), inputs.meta)
         if not inputs.sampling_chunks:
-            return {}
-        logits = self.stage.compute_logits(hidden[inputs.sample_rows])  # (S, V)
-        return self.sample(logits, inputs.sampling_chunks)
+            return x[:0], []
+        logits = self.stages[-1].compute_logits(x[inputs.sample_rows])  # (S, V)
+        return logits, inputs.sampling_chunks
 
     def sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> dict[str, int]:
         tokens = self.sampler(
@@ -62,12 +77,12 @@ class ModelRunner:
         return {c.request_id: t for c, t in zip(chunks, tokens, strict=True)}
 
     def _generator(self, chunk: ScheduledChunk) -> torch.Generator | None:
-        seed = chunk.sampling_params.seed
-        if seed is None:
+        if chunk.sampling_params.seed is None:
             return None
         generator = self._generators.get(chunk.request_id)
         if generator is None:
-            generator = self._generators[chunk.request_id] = torch.Generator().manual_seed(seed)
+            generator = make_generator(chunk.sampling_params, self.kv_caches[0].storage.device)
+            self._generators[chunk.request_id] = generator
         return generator
 
     # -- inputs ------------------------------------------------------------------------------

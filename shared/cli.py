@@ -1,0 +1,145 @@
+"""The ``kunserve`` command line: one subcommand per job, settings by flags.
+
+Each subcommand's work lives in its own module; this file only parses and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kunserve.sizes import parse_size
+
+
+def _add_make_tiny_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("make-tiny-model", help="write a random-weight Hugging Face checkpoint")
+    p.add_argument("dir")
+    p.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--intermediate-size", type=int, default=352)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--tie-word-embeddings", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_run_make_tiny_model)
+
+
+def _run_make_tiny_model(args: argparse.Namespace) -> int:
+    from kunserve.tiny_model import make_tiny_model
+
+    path = make_tiny_model(
+        args.dir, arch=args.arch, layers=args.layers, hidden_size=args.hidden_size,
+        heads=args.heads, kv_heads=args.kv_heads, intermediate_size=args.intermediate_size,
+        vocab_size=args.vocab_size, tie_word_embeddings=args.tie_word_embeddings,
+        seed=args.seed, dtype=args.dtype)
+    print(f"wrote {args.arch} checkpoint to {path}")
+    return 0
+
+
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--memory-per-instance", type=parse_size, default=None,
+                   help="memory budget of the instance, e.g. 64MiB (CPU default: parameters "
+                        "take 40%%)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="run prompts concurrently through the engine offline")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
+    p.add_argument("--prompt-token-ids", action="append", default=[], type=_token_ids,
+                   help="a prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    _add_engine_flags(p)
+    p.set_defaults(func=_run_generate)
+
+
+def _token_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--prompt-token-ids takes comma-separated integers, got {text!r}") from None
+
+
+def engine_config_from_args(args: argparse.Namespace):
+    from kunserve.worker.engine import EngineConfig
+
+    return EngineConfig(
+        model=args.model, dtype=args.dtype, memory_per_instance=args.memory_per_instance,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, block_size=args.block_size, num_threads=args.threads)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from kunserve.worker.engine import LLMEngine
+    from kunserve.worker.sampling_params import SamplingParams
+
+    prompts = [*args.prompt, *args.prompt_token_ids]
+    if not prompts:
+        print("kunserve generate: give at least one --prompt or --prompt-token-ids",
+              file=sys.stderr)
+        return 2
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop,
+                            ignore_eos=args.ignore_eos)
+    engine = LLMEngine(engine_config_from_args(args))
+    results = engine.generate(prompts, params)
+    for result in results:
+        if args.json:
+            print(json.dumps({"prompt_token_ids": result.prompt_token_ids,
+                              "token_ids": result.token_ids, "text": result.text,
+                              "finish_reason": result.finish_reason, "error": result.error}))
+        elif result.error:
+            print(f"error: {result.error}")
+        else:
+            print(result.text)
+    return 1 if any(r.error for r in results) else 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print a side-by-side table")
+    bench = p.add_subparsers(dest="bench", required=True)
+    from kunserve.bench import engine as engine_bench
+
+    engine_bench.add_parser(bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kunserve", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_make_tiny_model(sub)
+    _add_generate(sub)
+    _add_bench(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:  # bad checkpoint, budget, arguments: say why, no trace
+        print(f"kunserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
