@@ -74,6 +74,7 @@ def measure(model_dir: str, levels: list[int], prompt_len: int, output_len: int)
     if engine.block_manager.num_blocks * engine.block_manager.block_size < kv_tokens:
         raise ValueError("the bench budget does not hold the whole workload's KV cache")
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    reference.generation_config.eos_token_id = None  # run to max_new_tokens, like ignore_eos
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -108,8 +109,7 @@ def _time_ours(engine, prompts: torch.Tensor, params) -> tuple[float, list[list[
 def _time_reference(model, prompts: torch.Tensor, output_len: int) -> tuple[float, list]:
     start = time.perf_counter()
     out = model.generate(prompts, attention_mask=torch.ones_like(prompts),
-                         max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False,
-                         pad_token_id=0)
+                         max_new_tokens=output_len, do_sample=False, pad_token_id=0)
     elapsed = time.perf_counter() - start
     return elapsed, out[:, prompts.shape[1]:].tolist()
 
