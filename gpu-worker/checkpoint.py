@@ -17,7 +17,7 @@ from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.model.llama import LlamaStage
 from kunserve.worker.model.rope import RotaryEmbedding
 from kunserve.worker.model_config import CheckpointError, ModelConfig
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,8 +33,11 @@ def tensor_index(path: Path) -> dict[str, Path]:
     if not single.is_file():
         raise CheckpointError(
             f"{str(path)!r} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(str(single), framework="pt") as f:
-        return {name: single for name in f.keys()}
+    try:
+        with safe_open(str(single), framework="pt") as f:
+            return {name: single for name in f.keys()}
+    except (OSError, SafetensorError) as exc:
+        raise CheckpointError(f"cannot read {single}: {exc}") from exc
 
 
 def wanted(name: str, layers: LayerRange, tied: bool) -> bool:
@@ -60,7 +63,7 @@ def read_tensors(path: Path, names: list[str], index: dict[str, Path],
             with safe_open(str(file), framework="pt") as f:
                 for name in file_names:
                     yield name, f.get_tensor(name).to(dtype)
-        except (OSError, RuntimeError) as exc:
+        except (OSError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"cannot read {file}: {exc}") from exc
 
 

@@ -7,6 +7,9 @@ block of L layers are exactly the bytes of g blocks of L/g layers: a worker that
 re-reads its storage with a new geometry instead of copying. The storage is one flat tensor;
 on CPU ``torch.empty`` only reserves address space and the kernel commits pages when they are
 first written, so unused blocks cost no memory.
+
+The storage starts zeroed: attention masks the slots past a request's context with a zero
+weight, and 0 * NaN from uninitialised memory would still be NaN.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ class KVCache:
                  device: torch.device | str = "cpu") -> None:
         self.geometry = geometry
         self.num_blocks = num_blocks
-        self.storage = torch.empty(num_blocks * self._block_elements(), dtype=dtype,
+        self.storage = torch.zeros(num_blocks * self._block_elements(), dtype=dtype,
                                    device=device)
         self._layers = self._layer_views()
 
