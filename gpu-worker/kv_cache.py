@@ -9,10 +9,14 @@ on CPU ``torch.empty`` only reserves address space and the kernel commits pages 
 first written, so unused blocks cost no memory.
 
 The storage starts zeroed: attention masks the slots past a request's context with a zero
-weight, and 0 * NaN from uninitialised memory would still be NaN.
+weight, and 0 * NaN from uninitialised memory would still be NaN. On CPU the storage is an
+anonymous memory map: the kernel hands out zero pages and commits each one only when it is
+first written, so a large budget costs address space, not memory, until blocks are used.
 """
 
 from __future__ import annotations
+
+import mmap
 
 import torch
 from kunserve.worker.memory_budget import KVGeometry
@@ -23,8 +27,8 @@ class KVCache:
                  device: torch.device | str = "cpu") -> None:
         self.geometry = geometry
         self.num_blocks = num_blocks
-        self.storage = torch.zeros(num_blocks * self._block_elements(), dtype=dtype,
-                                   device=device)
+        self.storage = _zeroed_storage(num_blocks * self._block_elements(), dtype,
+                                       torch.device(device))
         self._layers = self._layer_views()
 
     def _block_elements(self) -> int:
@@ -44,3 +48,10 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return self.num_blocks * self.geometry.block_bytes
+
+
+def _zeroed_storage(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if device.type != "cpu":
+        return torch.zeros(numel, dtype=dtype, device=device)
+    region = mmap.mmap(-1, max(1, numel * dtype.itemsize))  # zero pages, committed on write
+    return torch.frombuffer(region, dtype=dtype, count=numel)

@@ -34,6 +34,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
         self._finished_since_step: list[str] = []
+        self._capped: list[Request] = []  # finished by schedule() for want of any block
 
     # -- queue -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -91,6 +92,10 @@ class Scheduler:
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         total = request.num_computed_tokens + num_new
         while not self.block_manager.allocate(request.request_id, total):
+            if self.running == [request]:
+                self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
+                self._capped.append(request)
+                return False
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim.request_id)
@@ -128,7 +133,9 @@ class Scheduler:
             block_table=list(self.block_manager.block_table(request.request_id)),
             samples=start + num_new == request.num_tokens,
             sampling_params=request.sampling_params,
-            output_token_ids=request.output_token_ids,
+            # a snapshot, and only when penalties read it
+            output_token_ids=(list(request.output_token_ids)
+                              if request.sampling_params.has_penalties else []),
         )
 
     # -- update ------------------------------------------------------------------------------
@@ -137,9 +144,11 @@ class Scheduler:
         """Advance progress counters, append sampled tokens and finish requests that hit a
         token-level stop (EOS, stop token, max_tokens, max_model_len).
 
-        Returns ``(request, new_token_ids)`` for every request that got a token this step.
+        Returns ``(request, new_token_ids)`` for every request that got a token this step, and
+        ``(request, [])`` for one that ``schedule`` finished because it outgrew the cache.
         """
-        progressed = []
+        progressed: list[tuple[Request, list[int]]] = [(r, []) for r in self._capped]
+        self._capped = []
         for chunk in out.chunks:
             request = self.requests.get(chunk.request_id)
             if request is None:  # aborted while the step ran

@@ -17,7 +17,7 @@ class ScheduledChunk:
     block_table: list[int]
     samples: bool  # the chunk reaches the request's last token: sample the next one
     sampling_params: SamplingParams
-    output_token_ids: list[int]  # generated so far (read by penalties; not to be mutated)
+    output_token_ids: list[int]  # generated so far; filled only when penalties need it
 
     @property
     def num_tokens(self) -> int:

@@ -42,7 +42,7 @@ def _run_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--memory-per-instance", type=parse_size, default=None,
+    p.add_argument("--memory-per-instance", type=_size, default=None,
                    help="memory budget of the instance, e.g. 64MiB (CPU default: parameters "
                         "take 40%%)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -53,11 +53,20 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="run prompts concurrently through the engine offline")
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
-    p.add_argument("--prompt", action="append", default=[], help="a text prompt (repeatable)")
-    p.add_argument("--prompt-token-ids", action="append", default=[], type=_token_ids,
+    # both flags append to one list so the output follows the command line's order
+    p.add_argument("--prompt", dest="prompts", action="append", default=[],
+                   help="a text prompt (repeatable)")
+    p.add_argument("--prompt-token-ids", dest="prompts", action="append", type=_token_ids,
                    help="a prompt as comma-separated token ids (repeatable)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -92,7 +101,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from kunserve.worker.engine import LLMEngine
     from kunserve.worker.sampling_params import SamplingParams
 
-    prompts = [*args.prompt, *args.prompt_token_ids]
+    prompts = args.prompts
     if not prompts:
         print("kunserve generate: give at least one --prompt or --prompt-token-ids",
               file=sys.stderr)

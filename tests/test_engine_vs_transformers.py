@@ -92,3 +92,38 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llama_dir):
     other_seed = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=99,
                                 ignore_eos=True)
     assert engine.generate([prompt], other_seed)[0].token_ids != alone
+
+
+def test_prompts_run_concurrently_not_one_after_another(llama_dir):
+    engine = LLMEngine(EngineConfig(model=llama_dir))
+    steps = 0
+    step = engine.step
+
+    def counting_step():
+        nonlocal steps
+        steps += 1
+        return step()
+
+    engine.step = counting_step
+    engine.generate(make_prompts(8, vocab=500), GREEDY)
+    assert steps == MAX_TOKENS  # one prefill step (all 8 prompts) + one step per further token
+
+
+def test_stop_strings_eos_and_max_tokens(llama_dir):
+    engine = LLMEngine(EngineConfig(model=llama_dir))
+    prompt = make_prompts(1, vocab=500, seed=4)[0]
+    free = engine.generate([prompt], GREEDY)[0]
+    stop = free.text[5:8]
+    assert stop and stop not in free.text[:5]
+    stopped = engine.generate([prompt], SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
+                                                       stop=[stop], ignore_eos=True))[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[:free.text.index(stop)]
+    stop_id = free.token_ids[3]
+    with_stop_id = engine.generate([prompt], SamplingParams(
+        max_tokens=MAX_TOKENS, temperature=0.0, stop_token_ids=[stop_id]))[0]
+    assert with_stop_id.token_ids == free.token_ids[:free.token_ids.index(stop_id) + 1]
+    assert with_stop_id.finish_reason == "stop"
+    short = engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0.0,
+                                                     ignore_eos=True))[0]
+    assert short.token_ids == free.token_ids[:3] and short.finish_reason == "length"
