@@ -59,7 +59,7 @@ class DecoderLayer(nn.Module):
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (N, I) each
-        return self.down_proj(F.silu(gate) * up)  # (N, H)
+        return self.down_proj(F.silu(gate).mul_(up))  # (N, H)
 
 
 class LlamaStage(nn.Module):
