@@ -131,12 +131,40 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     engine_bench.add_parser(bench)
 
 
+def _add_up(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("up", help="run the whole mesh locally: nats, redis, planner, router, "
+                                  "workers, gateway (Ctrl-C stops it)")
+    p.add_argument("--model", default=None,
+                   help="Hugging Face checkpoint directory (default: $KUNSERVE_MODEL, else an "
+                        "embedded tiny Llama built once into $KUNSERVE_CACHE_DIR)")
+    p.add_argument("--instances", type=int, default=2, help="number of workers")
+    p.add_argument("--host", default="127.0.0.1", help="the gateway's address")
+    p.add_argument("--port", type=int, default=8000, help="the gateway's port")
+    p.add_argument("--memory-per-instance", type=_size, default=None,
+                   help="each worker's memory budget, e.g. 256MiB (default: the worker's)")
+    p.add_argument("--threads-per-worker", type=int, default=None,
+                   help="torch threads per worker (default: cores // instances)")
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="seconds to wait for everything to be ready")
+    p.set_defaults(func=_run_up)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    from kunserve.launcher import run_up
+
+    return run_up(model=args.model, instances=args.instances, host=args.host, port=args.port,
+                  memory_per_instance=args.memory_per_instance,
+                  threads_per_worker=args.threads_per_worker,
+                  startup_timeout=args.startup_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kunserve", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _add_make_tiny_model(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_up(sub)
     return parser
 
 

@@ -83,21 +83,35 @@ def _wait_for_port(port: int, process: subprocess.Popen, name: str, timeout: flo
     raise ServerError(f"{name} did not listen on port {port} within {timeout:.0f}s")
 
 
-def start_nats(port: int | None = None, timeout: float = 10.0) -> ServerProcess:
+def start_nats(port: int | None = None, timeout: float = 10.0,
+               popen_kwargs: dict | None = None) -> ServerProcess:
+    """``popen_kwargs`` go to ``subprocess.Popen`` (the launcher puts servers in their own
+    process group so Ctrl-C does not stop them before the services have drained)."""
     port = port or free_port()
-    process = subprocess.Popen(
-        [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_port(port, process, "nats-server", timeout)
-    return ServerProcess("nats-server", f"nats://127.0.0.1:{port}", port, process)
+    argv = [find_binary("nats-server"), "-a", "127.0.0.1", "-p", str(port)]
+    return _start(ServerProcess("nats-server", f"nats://127.0.0.1:{port}", port,
+                                _spawn(argv, popen_kwargs)), timeout)
 
 
-def start_redis(port: int | None = None, timeout: float = 10.0) -> ServerProcess:
+def start_redis(port: int | None = None, timeout: float = 10.0,
+                popen_kwargs: dict | None = None) -> ServerProcess:
     port = port or free_port()
     workdir = tempfile.TemporaryDirectory(prefix="kunserve-redis-")
-    process = subprocess.Popen(
-        [find_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
-         "--save", "", "--appendonly", "no", "--dir", workdir.name],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_for_port(port, process, "redis-server", timeout)
-    return ServerProcess("redis-server", f"redis://127.0.0.1:{port}/0", port, process, workdir)
+    argv = [find_binary("redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--dir", workdir.name]
+    return _start(ServerProcess("redis-server", f"redis://127.0.0.1:{port}/0", port,
+                                _spawn(argv, popen_kwargs), workdir), timeout)
+
+
+def _spawn(argv: list[str], popen_kwargs: dict | None) -> subprocess.Popen:
+    return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            **(popen_kwargs or {}))
+
+
+def _start(server: ServerProcess, timeout: float) -> ServerProcess:
+    try:
+        _wait_for_port(server.port, server.process, server.name, timeout)
+    except ServerError:
+        server.stop()
+        raise
+    return server

@@ -1,0 +1,330 @@
+"""The worker process wrapper: NATS and Redis around one transport-free ``LLMEngine``.
+
+Two sides, one queue each way:
+
+* ``EngineThread`` owns the engine on one dedicated thread. Every engine call (construction,
+  add, abort, step) happens there, fed by a thread-safe inbox. After each step it emits the
+  step's outputs, and at step boundaries (at most every ``load_refresh_ms`` while busy, at
+  least every ``liveness_ttl_ms / 3`` when idle) a load snapshot.
+* ``WorkerServer`` (asyncio) subscribes to ``Subjects.worker_generate(id)`` and
+  ``Subjects.ABORT``, feeds the inbox, and publishes what the thread emits, in order, from one
+  pump task: ``RequestUpdate(accepted=True)`` once the engine took a request, then one update
+  per step in which the request produced tokens, the last one ``finished``.
+
+What one request's updates subject carries: ``accepted``, then token updates, the last one
+``finished`` with ``finish_reason`` length | stop | abort | error; or, when the request never
+reached the engine (bad sampling value, a prompt the engine rejects, worker shutting down),
+a single finished update with ``error``. NATS requests on the generate subject get an
+immediate receipt: empty when taken, ``DRAINING_REPLY`` when the worker is stopping.
+
+Load goes to the Redis hash ``RedisKeys.load(id)`` (``InstanceLoad`` fields, PEXPIRE
+``liveness_ttl_ms``). The router's reservation for a request is released in the same MULTI as
+the first load write that shows the request, so its demand is never counted twice or zero
+times. Where its job ends: no scheduling or model logic here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import msgspec
+import nats
+import redis.asyncio as aioredis
+from kunserve.protocol import (
+    AbortRequest,
+    GenerateRequest,
+    RedisKeys,
+    RequestUpdate,
+    Subjects,
+    decode,
+    encode,
+)
+from kunserve.reservations import Reservations, reservation_tokens
+from kunserve.telemetry import extract_context, setup_tracing
+from kunserve.worker.engine import RequestOutput
+from kunserve.worker.engine_thread import (
+    AbortCommand,
+    Aborted,
+    Accepted,
+    AddCommand,
+    EngineThread,
+)
+from kunserve.worker.load_writer import LoadReport, LoadWriter
+from kunserve.worker.sampling_params import SamplingParams
+from kunserve.worker.settings import WorkerSettings
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_ERROR = "worker shutting down"
+DRAINING_REPLY = b"draining"  # receipt reply that refuses a request (the router tries another)
+EARLY_ABORT_MEMORY_S = 60.0  # an abort that overtook its request is remembered this long
+
+
+async def log_nats_error(error: Exception) -> None:
+    """NATS connection trouble, in one line (the client retries on its own)."""
+    logger.warning("NATS: %s", error or type(error).__name__)
+
+
+@dataclass
+class _Tracked:
+    span: Span
+    num_prompt_tokens: int
+    got_tokens: bool = False
+
+
+@dataclass
+class _Events:
+    """Thread-to-loop channel: ``put`` from any thread, consumed in order on the loop."""
+
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+    def put(self, event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+class WorkerServer:
+    def __init__(self, settings: WorkerSettings, span_exporter: SpanExporter | None = None):
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        self._tracing = setup_tracing("kunserve-worker", settings.otel_exporter,
+                                      settings.otel_endpoint, span_exporter)
+        self._owns_exporters = span_exporter is None
+        self._tracer = self._tracing.get_tracer("kunserve.worker")
+        self.nc: nats.NATS | None = None
+        self.redis: aioredis.Redis | None = None
+        self._reservations: Reservations | None = None
+        self._engine: EngineThread | None = None
+        self._events: _Events | None = None
+        self._subs: list = []
+        self._tasks: list[asyncio.Task] = []
+        self._active: dict[str, _Tracked] = {}
+        self._early_aborts = _RecentAborts()
+        self._accepting = False
+        self.connection_lost = asyncio.Event()  # NATS gave up reconnecting: the process exits
+        self._idle = asyncio.Event()
+        self._load_written = asyncio.Event()
+        self._writer: LoadWriter | None = None
+        self.memory_report: dict[str, int] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Build the engine, connect, subscribe; returns once the first load is in Redis."""
+        self._events = _Events(asyncio.get_running_loop())
+        self._engine = EngineThread(self.settings, self._events.put)
+        self.memory_report = await asyncio.wrap_future(self._engine.start())
+        try:
+            await self._connect()
+        except BaseException:
+            self._accepting = False
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.to_thread(self._engine.stop)
+            await self._close_connections()
+            raise
+        logger.info("worker %s serving %s", self.instance_id, self.settings.model)
+
+    async def _connect(self) -> None:
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        self._reservations = Reservations(self.redis)
+        self._writer = LoadWriter(self.redis, self._reservations, self.instance_id,
+                                  self.settings.liveness_ttl_ms, self._load_written.set)
+        self._tasks.append(asyncio.create_task(self._pump()))
+        self.nc = await nats.connect(self.settings.nats_url,
+                                     name=f"kunserve-worker-{self.instance_id}",
+                                     error_cb=log_nats_error, closed_cb=self._on_nats_closed)
+        generate = Subjects.worker_generate(self.instance_id)
+        self._subs = [await self.nc.subscribe(generate, cb=self._on_generate),
+                      await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)]
+        self._accepting = True
+        try:
+            await asyncio.wait_for(self._load_written.wait(), timeout=10)
+        except TimeoutError:
+            raise ConnectionError("could not write this instance's load to Redis within 10 s "
+                                  "(is KUNSERVE_REDIS_URL right?)") from None
+
+    async def stop(self) -> None:
+        """Stop taking requests, let in-flight ones finish within ``drain_timeout_s`` (abort
+        the rest), stop the engine, delete the load key, close connections."""
+        if not self._accepting:
+            return
+        self._accepting = False
+        if self.nc.is_connected:
+            await self._subs[0].drain()  # late requests get DRAINING_REPLY: router reroutes
+        await self._drain_requests()
+        await asyncio.to_thread(self._engine.stop)
+        self._events.put(None)
+        await asyncio.gather(*self._tasks)
+        await self._writer.close()
+        try:  # gone from the routers' candidates now, not in liveness_ttl_ms
+            await self.redis.delete(RedisKeys.load(self.instance_id),
+                                    RedisKeys.reserved(self.instance_id))
+        except RedisError as exc:
+            logger.warning("could not delete the load key (it expires anyway): %s", exc)
+        await self._close_connections()
+        self._tracing.force_flush()
+        if self._owns_exporters:
+            self._tracing.shutdown()
+        logger.info("worker %s stopped", self.instance_id)
+
+    async def _close_connections(self) -> None:
+        if self.nc is not None:
+            if self.nc.is_connected:
+                await self.nc.drain()
+            await self.nc.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+
+    async def _on_nats_closed(self) -> None:
+        if self._accepting:
+            logger.error("lost NATS for good; stopping")
+            self.connection_lost.set()
+
+    async def _drain_requests(self) -> None:
+        for timeout, abort in ((self.settings.drain_timeout_s, True), (5.0, False)):
+            if self._active:
+                self._idle.clear()
+                try:
+                    await asyncio.wait_for(self._idle.wait(), timeout)
+                except TimeoutError:
+                    pass
+            if not abort:
+                break
+            for request_id in list(self._active):
+                self._engine.add(AbortCommand(request_id, SHUTDOWN_ERROR))
+
+    # -- incoming ----------------------------------------------------------------------------
+    async def _on_generate(self, msg: Msg) -> None:
+        if msg.reply:  # the router's receipt; a refusal makes it try another instance
+            await msg.respond(b"" if self._accepting else DRAINING_REPLY)
+        try:
+            request = decode(msg.data, GenerateRequest)
+        except msgspec.DecodeError as exc:
+            logger.warning("dropped a malformed GenerateRequest: %s", exc)
+            return
+        rid, n_prompt = request.request_id, len(request.prompt_token_ids)
+        if not self._accepting:
+            if not msg.reply:  # nobody will reroute it: say so rather than go silent
+                await self._publish(RequestUpdate(
+                    request_id=rid, instance_id=self.instance_id, finished=True,
+                    finish_reason="error", error=SHUTDOWN_ERROR, num_prompt_tokens=n_prompt))
+            return
+        reserved = reservation_tokens(n_prompt, request.sampling.max_tokens)
+        if rid in self._active:
+            logger.warning("dropped a duplicate of request %s", rid)
+            await self._reservations.release(self.instance_id, reserved)
+            return
+        span = self._tracer.start_span(
+            "worker.generate", context=extract_context(msg.headers), kind=SpanKind.CONSUMER,
+            attributes={"kunserve.request_id": rid, "kunserve.instance_id": self.instance_id,
+                        "kunserve.num_prompt_tokens": n_prompt})
+        self._active[rid] = _Tracked(span, n_prompt)
+        try:
+            params = SamplingParams(**msgspec.structs.asdict(request.sampling))
+        except ValueError as exc:
+            await self._reservations.release(self.instance_id, reserved)
+            await self._finish(RequestUpdate(request_id=rid, instance_id=self.instance_id,
+                                             finished=True, finish_reason="error",
+                                             error=str(exc), num_prompt_tokens=n_prompt))
+            return
+        self._engine.add(AddCommand(rid, list(request.prompt_token_ids), params, reserved))
+        if self._early_aborts.take(rid):
+            self._engine.add(AbortCommand(rid))
+
+    async def _on_abort(self, msg: Msg) -> None:
+        try:
+            abort = decode(msg.data, AbortRequest)
+        except msgspec.DecodeError as exc:
+            logger.warning("dropped a malformed AbortRequest: %s", exc)
+            return
+        if abort.request_id in self._active:
+            self._engine.add(AbortCommand(abort.request_id))
+        else:  # it may have overtaken its request (gateway -> router -> worker is longer)
+            self._early_aborts.add(abort.request_id)
+
+    # -- outgoing (one pump task: updates leave in the order the engine made them) ---------
+    async def _pump(self) -> None:
+        while (event := await self._events.queue.get()) is not None:
+            try:
+                await self._handle_event(event)
+            except Exception:
+                logger.exception("failed to publish %s", type(event).__name__)
+
+    async def _handle_event(self, event) -> None:
+        if isinstance(event, list):
+            for out in event:
+                await self._publish_output(out)
+        elif isinstance(event, Accepted):
+            tracked = self._active.get(event.request_id)
+            if tracked is not None:
+                tracked.span.add_event("accepted")
+                await self._publish(RequestUpdate(
+                    request_id=event.request_id, instance_id=self.instance_id, accepted=True,
+                    num_prompt_tokens=tracked.num_prompt_tokens))
+        elif isinstance(event, Aborted):
+            tracked = self._active.get(event.request_id)
+            if tracked is not None:
+                await self._finish(RequestUpdate(
+                    request_id=event.request_id, instance_id=self.instance_id, finished=True,
+                    finish_reason="abort", error=event.error,
+                    num_prompt_tokens=tracked.num_prompt_tokens))
+        elif isinstance(event, LoadReport):
+            self._writer.submit(event)
+
+    async def _publish_output(self, out: RequestOutput) -> None:
+        tracked = self._active.get(out.request_id)
+        if tracked is None:
+            return
+        if out.new_token_ids and not tracked.got_tokens:
+            tracked.got_tokens = True
+            tracked.span.add_event("first_token")
+        update = RequestUpdate(
+            request_id=out.request_id, instance_id=self.instance_id,
+            token_ids=out.new_token_ids, text=out.new_text, finished=out.finished,
+            finish_reason=out.finish_reason, error=out.error,
+            num_prompt_tokens=out.num_prompt_tokens or tracked.num_prompt_tokens,
+            num_output_tokens=out.num_output_tokens)
+        await (self._finish(update) if out.finished else self._publish(update))
+
+    async def _publish(self, update: RequestUpdate) -> None:
+        if not self.nc.is_closed:
+            await self.nc.publish(Subjects.updates(update.request_id), encode(update))
+
+    async def _finish(self, update: RequestUpdate) -> None:
+        await self._publish(update)
+        tracked = self._active.pop(update.request_id)
+        span = tracked.span
+        span.set_attribute("kunserve.num_output_tokens", update.num_output_tokens)
+        span.set_attribute("kunserve.finish_reason", update.finish_reason or "")
+        if update.error:
+            span.set_status(Status(StatusCode.ERROR, update.error))
+        span.end()
+        if not self._active:
+            self._idle.set()
+
+
+class _RecentAborts:
+    """Ids of aborts for requests this worker has not seen (yet), kept for a while. Every
+    worker hears every abort, so this is bounded in time and size, pruned oldest first."""
+
+    def __init__(self, keep_s: float = EARLY_ABORT_MEMORY_S, max_size: int = 100_000) -> None:
+        self.keep_s, self.max_size = keep_s, max_size
+        self._expiry: dict[str, float] = {}  # insertion order == expiry order
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        while self._expiry and (len(self._expiry) >= self.max_size
+                                or next(iter(self._expiry.values())) <= now):
+            del self._expiry[next(iter(self._expiry))]
+        self._expiry.pop(request_id, None)  # re-added at the end, keeping the order
+        self._expiry[request_id] = now + self.keep_s
+
+    def take(self, request_id: str) -> bool:
+        return self._expiry.pop(request_id, 0.0) > time.monotonic()

@@ -1,0 +1,210 @@
+"""The router service: takes ``GenerateRequest``s off NATS and dispatches each to one instance.
+
+Several routers share ``Subjects.GENERATE`` through the queue group ``Subjects.ROUTER_QUEUE``.
+For each request: list the candidates (registered instances, minus non-leader pipeline stages
+and instances that just had no listener), reserve capacity on the best live one atomically
+(``reservations.py``), forward the request with ``instance_id`` filled in to
+``Subjects.worker_generate(id)`` as a NATS request, and wait for the worker's receipt (an
+empty reply; a non-empty one means it refused, e.g. while draining). When the chosen worker
+has no listener or refuses, its reservation is released and the next best one is tried.
+When no instance is live (or Redis is unreachable), a finished ``RequestUpdate`` with the
+error ``no live worker instance`` (or ``REDIS_ERROR``) and ``instance_id == ""`` goes to the
+request's updates subject.
+
+If the GENERATE message has a reply subject, the router answers it with the chosen instance
+id (empty when none), so a publisher can tell "no router" (NATS no-responders) from the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+import nats
+import redis.asyncio as aioredis
+from kunserve.protocol import (
+    GenerateRequest,
+    RedisKeys,
+    RequestUpdate,
+    Subjects,
+    Topology,
+    decode,
+    encode,
+)
+from kunserve.reservations import Reservations, reservation_tokens
+from kunserve.router.load_balancer import dispatch_order
+from kunserve.router.settings import RouterSettings
+from kunserve.telemetry import extract_context, inject_headers, setup_tracing
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+NO_INSTANCE_ERROR = "no live worker instance"
+REDIS_ERROR = "the router cannot reach Redis (instance loads)"
+# how long an instance that had no NATS listener is skipped (its load key may outlive it)
+UNREACHABLE_BACKOFF_S = 2.0
+
+
+class Router:
+    def __init__(self, settings: RouterSettings, span_exporter: SpanExporter | None = None):
+        self.settings = settings
+        self._tracing = setup_tracing("kunserve-router", settings.otel_exporter,
+                                      settings.otel_endpoint, span_exporter)
+        self._owns_exporters = span_exporter is None
+        self._tracer = self._tracing.get_tracer("kunserve.router")
+        self.nc: nats.NATS | None = None
+        self.redis: aioredis.Redis | None = None
+        self.reservations: Reservations | None = None
+        self._subscription = None
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._tasks: set[asyncio.Task] = set()
+        self._unreachable: dict[str, float] = {}  # instance id -> monotonic time to retry
+        self._stopping = False
+        self.connection_lost = asyncio.Event()  # NATS gave up reconnecting: the process exits
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        await self.redis.ping()  # a wrong URL fails the start, not every dispatch
+        self.reservations = Reservations(self.redis, self.settings.reservation_ttl_ms)
+        self.nc = await nats.connect(self.settings.nats_url, name="kunserve-router",
+                                     error_cb=log_nats_error, closed_cb=self._on_nats_closed)
+        self._subscription = await self.nc.subscribe(
+            Subjects.GENERATE, queue=Subjects.ROUTER_QUEUE, cb=self._on_message)
+        logger.info("router consuming %s (queue %s)", Subjects.GENERATE, Subjects.ROUTER_QUEUE)
+
+    async def stop(self) -> None:
+        """Stop taking requests, finish dispatching the ones taken, close connections."""
+        self._stopping = True
+        if self._subscription is not None and self.nc.is_connected:
+            await self._subscription.drain()  # what NATS already handed us is still routed
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.nc is not None:
+            if self.nc.is_connected:
+                await self.nc.drain()
+            await self.nc.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+        self._tracing.force_flush()
+        if self._owns_exporters:
+            self._tracing.shutdown()
+
+    async def _on_nats_closed(self) -> None:
+        if not self._stopping:
+            logger.error("lost NATS for good; stopping")
+            self.connection_lost.set()
+
+    # -- handling ----------------------------------------------------------------------------
+    async def _on_message(self, msg: Msg) -> None:
+        # the subscription awaits this callback message by message: hand off, return at once
+        await self._slots.acquire()
+        task = asyncio.create_task(self._handle(msg))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        self._slots.release()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("dispatch failed", exc_info=task.exception())
+
+    async def _handle(self, msg: Msg) -> None:
+        try:
+            request = decode(msg.data, GenerateRequest)
+        except msgspec.DecodeError as exc:  # includes ValidationError
+            logger.warning("dropped a malformed GenerateRequest: %s", exc)
+            return
+        context = extract_context(msg.headers)
+        with self._tracer.start_as_current_span("router.dispatch", context=context,
+                                                kind=SpanKind.CONSUMER) as span:
+            span.set_attribute("kunserve.request_id", request.request_id)
+            error = NO_INSTANCE_ERROR
+            try:
+                instance_id = await self.dispatch(request, msg.headers)
+            except RedisError as exc:
+                logger.error("cannot reach Redis: %s", exc)
+                instance_id, error = None, REDIS_ERROR
+            span.set_attribute("kunserve.instance_id", instance_id or "")
+            if instance_id is None:
+                span.set_status(Status(StatusCode.ERROR, error))
+                await self._publish_failure(request, error)
+        if msg.reply:
+            await msg.respond((instance_id or "").encode())
+
+    async def dispatch(self, request: GenerateRequest,
+                       headers: dict[str, str] | None = None) -> str | None:
+        """Reserve capacity on the best live instance and hand it the request; the instance
+        id, or None when no live instance took it."""
+        tokens = reservation_tokens(len(request.prompt_token_ids), request.sampling.max_tokens)
+        for _ in range(self.settings.max_attempts):
+            instance_id = await self.reservations.reserve(await self.candidates(), tokens)
+            if instance_id is None:
+                return None
+            if await self._forward(request, instance_id, headers):
+                return instance_id
+            await self.reservations.release(instance_id, tokens)
+            self._unreachable[instance_id] = time.monotonic() + UNREACHABLE_BACKOFF_S
+        return None
+
+    async def candidates(self) -> list[str]:
+        """Instances the router may dispatch to (liveness is checked in the reserve script)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.smembers(RedisKeys.INSTANCES)
+        pipe.get(RedisKeys.TOPOLOGY)
+        members, raw_topology = await pipe.execute()
+        now = time.monotonic()
+        self._unreachable = {i: t for i, t in self._unreachable.items() if t > now}
+        ids = [m.decode() if isinstance(m, bytes) else m for m in members]
+        return dispatch_order(ids, _read_topology(raw_topology), exclude=list(self._unreachable))
+
+    async def _forward(self, request: GenerateRequest, instance_id: str,
+                       headers: dict[str, str] | None) -> bool:
+        """Send the request to the instance; False only when nobody listens there."""
+        forwarded = msgspec.structs.replace(request, instance_id=instance_id)
+        try:
+            receipt = await self.nc.request(
+                Subjects.worker_generate(instance_id), encode(forwarded),
+                timeout=self.settings.dispatch_timeout_ms / 1000, headers=inject_headers(headers))
+        except NoRespondersError:
+            logger.warning("instance %s has no listener; trying another", instance_id)
+            return False
+        except NatsTimeoutError:
+            # it may still have got the request: resending elsewhere could run it twice
+            logger.warning("instance %s did not confirm request %s in time",
+                           instance_id, request.request_id)
+            return True
+        if receipt.data:  # the worker refused it (it is draining)
+            logger.info("instance %s refused request %s: %s", instance_id, request.request_id,
+                        receipt.data.decode(errors="replace"))
+            return False
+        return True
+
+    async def _publish_failure(self, request: GenerateRequest, error: str) -> None:
+        update = RequestUpdate(request_id=request.request_id, instance_id="", finished=True,
+                               finish_reason="error", error=error,
+                               num_prompt_tokens=len(request.prompt_token_ids))
+        await self.nc.publish(Subjects.updates(request.request_id), encode(update))
+
+
+async def log_nats_error(error: Exception) -> None:
+    """NATS connection trouble, in one line (the client retries on its own)."""
+    logger.warning("NATS: %s", error or type(error).__name__)
+
+
+def _read_topology(raw: bytes | None) -> Topology | None:
+    if not raw:
+        return None
+    try:
+        return decode(raw, Topology)
+    except msgspec.DecodeError:
+        logger.warning("ignoring an unreadable %s", RedisKeys.TOPOLOGY)
+        return None

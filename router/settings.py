@@ -1,0 +1,18 @@
+"""The router's settings, read at the process edge (flags or ``KUNSERVE_*`` variables)."""
+
+from __future__ import annotations
+
+from kunserve.settings import ServiceSettings
+from pydantic import Field
+
+
+class RouterSettings(ServiceSettings):
+    # a reservation hash lives this long after its last reservation, so a lost release
+    # (worker crashed between dispatch and taking the request) cannot leak forever
+    reservation_ttl_ms: int = Field(5000, gt=0)
+    # how long to wait for a worker to confirm it received a dispatched request
+    dispatch_timeout_ms: int = Field(1000, gt=0)
+    # instances tried per request when the chosen one has no listener (it just died)
+    max_attempts: int = Field(3, ge=1)
+    # requests being dispatched at once (each waits a round trip to a worker)
+    max_in_flight: int = Field(256, ge=1)
