@@ -26,6 +26,7 @@ from kunserve.worker.memory_budget import (
     default_cpu_budget,
     plan_memory,
 )
+from kunserve.worker.model import paged_decode
 from kunserve.worker.model_config import ModelConfig
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.request import Request, RequestStatus
@@ -97,6 +98,7 @@ class LLMEngine:
                             self.max_model_len),
             self.block_manager)
         self.runner = ModelRunner(self.stages, self.kv_caches)
+        paged_decode.available()  # build or load the fused kernel now, not on the first request
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._rejected: list[RequestOutput] = []
         self._next_id = 0

@@ -109,11 +109,11 @@ class ModelRunner:
             slot_offsets=positions_t % bs,
             num_decodes=len(decodes),
             decode_block_tables=None,
-            decode_bias=None,
+            decode_context_lens=None,
             prefills=self._prefill_spans(prefills, start_row=len(decodes)),
         )
         if decodes:
-            meta.decode_block_tables, meta.decode_bias = self._decode_tables(decodes)
+            meta.decode_block_tables, meta.decode_context_lens = self._decode_tables(decodes)
         return StepInputs(
             chunks=ordered,
             input_ids=torch.tensor(token_ids, dtype=torch.long),
@@ -126,12 +126,10 @@ class ModelRunner:
     def _decode_tables(self, decodes: list[ScheduledChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         context = [c.start_position + 1 for c in decodes]
         width = -(-max(context) // self.block_size)
+        # padding entries name block 0: never read past a context, but they must be real ids
         tables = torch.tensor([c.block_table[:width] + [0] * (width - len(c.block_table[:width]))
                                for c in decodes], dtype=torch.long)  # (D, nb)
-        keys = torch.arange(width * self.block_size)  # (T,)
-        visible = keys[None, :] < torch.tensor(context)[:, None]  # (D, T)
-        bias = torch.zeros(visible.shape, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
-        return tables, bias.view(len(decodes), 1, 1, -1)  # (D, 1, 1, T)
+        return tables, torch.tensor(context, dtype=torch.long)  # (D, nb), (D,)
 
     def _prefill_spans(self, prefills: list[ScheduledChunk], start_row: int) -> list[PrefillSpan]:
         spans = []

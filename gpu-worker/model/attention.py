@@ -3,7 +3,8 @@
 One step's tokens arrive flattened as ``(N, heads, head_dim)``: first the single-token decodes
 of ``num_decodes`` requests, then one span per prefill chunk. New keys and values are written
 into their cache slots first; decodes then attend over their gathered blocks in one batched
-call, prefill chunks one by one (their count per step is small, bounded by the token budget).
+call (the fused kernel of ``paged_decode.py`` reads K/V straight from the blocks), prefill
+chunks one by one (their count per step is small, bounded by the token budget).
 The per-step metadata is built once by the model runner and shared by every layer.
 """
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from kunserve.worker.model.paged_decode import paged_decode_attention
 
 
 @dataclass
@@ -32,7 +34,7 @@ class AttentionMetadata:
     slot_offsets: torch.Tensor  # (N,) offset inside that block
     num_decodes: int
     decode_block_tables: torch.Tensor | None  # (D, nb_max)
-    decode_bias: torch.Tensor | None  # (D, 1, 1, T) 0 where visible, -inf past the context
+    decode_context_lens: torch.Tensor | None  # (D,) keys 0..len-1 are visible
     prefills: list[PrefillSpan]
 
 
@@ -59,13 +61,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def _decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                       meta: AttentionMetadata) -> torch.Tensor:
-    num, heads, hd = q.shape
-    tables = meta.decode_block_tables
-    keys = k_cache[tables].view(num, -1, k_cache.shape[2], hd).transpose(1, 2)  # (D, kvh, T, hd)
-    values = v_cache[tables].view(num, -1, v_cache.shape[2], hd).transpose(1, 2)  # (D, kvh, T, hd)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=meta.decode_bias, enable_gqa=True)  # (D, h, 1, hd)
-    return out.squeeze(2)
+    return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                  meta.decode_context_lens, q.shape[-1] ** -0.5)  # (D, h, hd)
 
 
 def _prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
