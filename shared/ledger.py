@@ -104,9 +104,12 @@ class Ledger:
     """
 
     def __init__(self, url: str = DEFAULT_URL, *, schema: str | None = None,
-                 max_batch: int = 2000) -> None:
+                 max_batch: int = 2000, linger_s: float = 0.05) -> None:
         self.url = url
         self.max_batch = max_batch
+        # wait this long after the first pending record, so a burst of requests costs one
+        # transaction, not one each, on the event loop that also serves them
+        self.linger_s = linger_s
         self.batches_written = 0  # transactions committed by the writer
         self.lost_writes = 0  # rows/records not written (logged); SQLite also counts unknown ids
         self._base_engine = create_async_engine(url)
@@ -197,6 +200,8 @@ class Ledger:
     async def _write_forever(self) -> None:
         while True:
             await self._wakeup.wait()
+            if len(self._pending) < self.max_batch:
+                await asyncio.sleep(self.linger_s)
             self._wakeup.clear()
             while self._pending:
                 batch = self._pending[:self.max_batch]
