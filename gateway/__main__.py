@@ -10,9 +10,10 @@ import logging
 import sys
 
 import uvicorn
+from pydantic import ValidationError
+
 from kunserve.gateway.app import create_app
 from kunserve.gateway.settings import GatewaySettings
-from pydantic import ValidationError
 
 
 def main(argv: list[str] | None = None) -> int:

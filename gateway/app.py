@@ -16,6 +16,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import nats
 import redis.asyncio as aioredis
 from fastapi import FastAPI
+from opentelemetry.sdk.trace.export import SpanExporter
+
 from kunserve.gateway import completions, monitoring
 from kunserve.gateway.admission import AdmissionController
 from kunserve.gateway.body_limit import BodySizeLimit
@@ -30,7 +32,6 @@ from kunserve.gateway.settings import GatewaySettings
 from kunserve.gateway.tokenization import PromptTokenizer
 from kunserve.ledger import Ledger
 from kunserve.telemetry import setup_tracing
-from opentelemetry.sdk.trace.export import SpanExporter
 
 logger = logging.getLogger(__name__)
 

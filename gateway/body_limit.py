@@ -6,8 +6,9 @@ later ``receive`` calls go through, so the app still hears ``http.disconnect``.
 
 from __future__ import annotations
 
-from kunserve.gateway.errors import bad_request, payload_too_large
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kunserve.gateway.errors import bad_request, payload_too_large
 
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 

@@ -9,6 +9,7 @@ import logging
 
 import msgspec
 import redis.asyncio as aioredis
+
 from kunserve.protocol import InstanceLoad, RedisKeys, Topology, decode
 
 logger = logging.getLogger(__name__)

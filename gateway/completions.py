@@ -15,6 +15,7 @@ from functools import partial
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+
 from kunserve.gateway.dependencies import DispatcherDep, ModelDep, TokenizerDep
 from kunserve.gateway.disconnect import run_until_disconnect
 from kunserve.gateway.errors import bad_request, context_length_exceeded, not_found

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import nats
 from fastapi import Depends, Header, Request
+
 from kunserve.gateway.cluster_view import ClusterView
 from kunserve.gateway.dispatcher import Dispatcher
 from kunserve.gateway.errors import unauthorized

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import weakref
 
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Tracer
+
 from kunserve.gateway.admission import AdmissionController, AdmissionRejected
 from kunserve.gateway.errors import too_many_requests
 from kunserve.gateway.generation import Generation
@@ -19,8 +22,6 @@ from kunserve.gateway.request_tracker import Arrival, RequestLedger, RequestTrac
 from kunserve.ledger import RequestStatus
 from kunserve.protocol import GenerateRequest, Sampling
 from kunserve.telemetry import inject_headers
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Tracer
 
 SPAN_NAME = "gateway.completions"
 

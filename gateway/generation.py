@@ -17,15 +17,16 @@ import logging
 from collections.abc import AsyncIterator
 
 import msgspec
+from nats.errors import Error as NatsError
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
 from kunserve.gateway.admission import AdmissionTicket
 from kunserve.gateway.errors import OpenAIError, server_error, service_unavailable
 from kunserve.gateway.mesh_client import MeshClient
 from kunserve.gateway.request_tracker import RequestTracker
 from kunserve.ledger import RequestStatus
 from kunserve.protocol import GenerateRequest, RequestUpdate, decode
-from nats.errors import Error as NatsError
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 logger = logging.getLogger(__name__)
 

@@ -13,9 +13,10 @@ import logging
 from collections.abc import Callable, Coroutine
 
 import nats
-from kunserve.protocol import AbortRequest, GenerateRequest, Subjects, encode
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+
+from kunserve.protocol import AbortRequest, GenerateRequest, Subjects, encode
 
 logger = logging.getLogger(__name__)
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from kunserve.gateway.admission import AdmissionController
-from kunserve.protocol import InstanceLoad
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from kunserve.gateway.admission import AdmissionController
+from kunserve.protocol import InstanceLoad
 
 # vLLM's buckets, with finer steps below 10 ms (CPU and tiny models stream that fast)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,

@@ -12,9 +12,10 @@ import logging
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from kunserve.gateway.dependencies import ClusterDep, MetricsDep, NatsDep
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
+
+from kunserve.gateway.dependencies import ClusterDep, MetricsDep, NatsDep
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from opentelemetry.trace import Span, Status, StatusCode
+
 from kunserve.gateway.metrics import GatewayMetrics
 from kunserve.ledger import RequestStatus
-from opentelemetry.trace import Span, Status, StatusCode
 
 FINISH_REASONS = frozenset({"stop", "length", "abort"})
 

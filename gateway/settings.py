@@ -6,8 +6,9 @@ and are resolved once, in ``ServedModel.load``, from the checkpoint directory.
 
 from __future__ import annotations
 
-from kunserve.settings import ServiceSettings
 from pydantic import Field, SecretStr
+
+from kunserve.settings import ServiceSettings
 
 MiB = 1024 * 1024
 

@@ -13,12 +13,13 @@ import json
 from collections.abc import AsyncIterator, Callable
 from functools import partial
 
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
 from kunserve.gateway.disconnect import run_until_disconnect
 from kunserve.gateway.errors import OpenAIError
 from kunserve.gateway.generation import Generation
 from kunserve.gateway.renderers import Renderer
-from starlette.responses import Response
-from starlette.types import Receive, Scope, Send
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

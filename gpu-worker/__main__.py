@@ -10,10 +10,11 @@ import asyncio
 import logging
 import sys
 
-from kunserve.service_main import run_until_signal
-from kunserve.worker.settings import WorkerSettings
 from nats.errors import Error as NatsError
 from pydantic import ValidationError
+
+from kunserve.service_main import run_until_signal
+from kunserve.worker.settings import WorkerSettings
 
 
 async def serve(settings: WorkerSettings) -> int:

@@ -13,11 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
 from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.model.llama import LlamaStage
 from kunserve.worker.model.rope import RotaryEmbedding
 from kunserve.worker.model_config import CheckpointError, ModelConfig
-from safetensors import SafetensorError, safe_open
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+
 from kunserve.worker.block_manager import BlockManager
 from kunserve.worker.checkpoint import TORCH_DTYPES, load_stage
 from kunserve.worker.detokenizer import IncrementalDetokenizer
@@ -32,7 +34,6 @@ from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.scheduler import Scheduler, SchedulerConfig
-from tokenizers import Tokenizer
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import mmap
 
 import torch
+
 from kunserve.worker.memory_budget import KVGeometry
 
 

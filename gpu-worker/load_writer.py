@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 import redis.asyncio as aioredis
+
 from kunserve.protocol import InstanceLoad, RedisKeys
 from kunserve.reservations import Reservations
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from kunserve.worker.kv_cache import KVCache
 from kunserve.worker.model.attention import AttentionMetadata, PrefillSpan
 from kunserve.worker.model.llama import LlamaStage

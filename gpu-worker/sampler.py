@@ -16,6 +16,7 @@ Unseeded random rows are drawn together from the global RNG of the logits' devic
 from __future__ import annotations
 
 import torch
+
 from kunserve.worker.sampling_params import SamplingParams
 
 

@@ -33,6 +33,11 @@ from dataclasses import dataclass, field
 import msgspec
 import nats
 import redis.asyncio as aioredis
+from nats.aio.msg import Msg
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+from redis.exceptions import RedisError
+
 from kunserve.protocol import (
     AbortRequest,
     GenerateRequest,
@@ -55,10 +60,6 @@ from kunserve.worker.engine_thread import (
 from kunserve.worker.load_writer import LoadReport, LoadWriter
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.settings import WorkerSettings
-from nats.aio.msg import Msg
-from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import Span, SpanKind, Status, StatusCode
-from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 

@@ -9,9 +9,10 @@ import os
 import socket
 from typing import Annotated, Literal
 
+from pydantic import BeforeValidator, Field, field_validator
+
 from kunserve.settings import ServiceSettings
 from kunserve.sizes import parse_size
-from pydantic import BeforeValidator, Field, field_validator
 
 
 def default_instance_id() -> str:

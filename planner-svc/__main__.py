@@ -10,10 +10,11 @@ import asyncio
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from kunserve.planner.service import serve
 from kunserve.planner.settings import PlannerSettings
 from kunserve.service_main import run_until_signal
-from pydantic import ValidationError
 
 
 async def _serve_until_signal(settings: PlannerSettings) -> int:

@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 
 import msgspec
-from kunserve.protocol import InstanceLoad, RedisKeys
 from redis.asyncio import Redis
+
+from kunserve.protocol import InstanceLoad, RedisKeys
 
 logger = logging.getLogger(__name__)
 

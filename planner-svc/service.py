@@ -12,15 +12,16 @@ import asyncio
 import logging
 
 import nats
+from nats.errors import Error as NatsError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
 from kunserve.planner.load_reader import LoadReader
 from kunserve.planner.membership import next_topology
 from kunserve.planner.settings import PlannerSettings
 from kunserve.planner.topology_publisher import TopologyPublisher
 from kunserve.protocol import Topology
 from kunserve.telemetry import setup_tracing
-from nats.errors import Error as NatsError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 

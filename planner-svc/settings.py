@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from kunserve.settings import ServiceSettings
 from pydantic import Field
+
+from kunserve.settings import ServiceSettings
 
 
 class PlannerSettings(ServiceSettings):

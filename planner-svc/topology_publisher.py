@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 
 import msgspec
-from kunserve.protocol import RedisKeys, Subjects, Topology, decode, encode
 from nats.aio.client import Client as NATS
 from redis.asyncio import Redis
+
+from kunserve.protocol import RedisKeys, Subjects, Topology, decode, encode
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,13 @@ import asyncio
 import logging
 import sys
 
-from kunserve.router.router import Router
-from kunserve.router.settings import RouterSettings
-from kunserve.service_main import run_until_signal
 from nats.errors import Error as NatsError
 from pydantic import ValidationError
 from redis.exceptions import RedisError
+
+from kunserve.router.router import Router
+from kunserve.router.settings import RouterSettings
+from kunserve.service_main import run_until_signal
 
 
 async def serve(settings: RouterSettings) -> int:

@@ -24,6 +24,13 @@ import time
 import msgspec
 import nats
 import redis.asyncio as aioredis
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from opentelemetry.sdk.trace.export import SpanExporter
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from redis.exceptions import RedisError
+
 from kunserve.protocol import (
     GenerateRequest,
     RedisKeys,
@@ -37,12 +44,6 @@ from kunserve.reservations import Reservations, reservation_tokens
 from kunserve.router.load_balancer import dispatch_order
 from kunserve.router.settings import RouterSettings
 from kunserve.telemetry import extract_context, inject_headers, setup_tracing
-from nats.aio.msg import Msg
-from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
-from opentelemetry.sdk.trace.export import SpanExporter
-from opentelemetry.trace import SpanKind, Status, StatusCode
-from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 

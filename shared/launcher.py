@@ -36,9 +36,10 @@ from typing import TextIO
 
 import httpx
 import redis
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
 from kunserve.protocol import RedisKeys, Topology, decode
 from kunserve.servers import ServerError, ServerProcess, start_nats, start_redis
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TINY_MODEL_NAME = "tiny-llama"
 #: make_tiny_model arguments of the embedded model: a bit larger than its defaults.

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 import redis
+
 from kunserve.protocol import RedisKeys
 from kunserve.servers import ServerProcess, start_nats, start_redis
 

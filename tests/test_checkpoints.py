@@ -8,12 +8,12 @@ import shutil
 
 import pytest
 import torch
+
 from kunserve.worker.checkpoint import load_stage, load_stage_weights
 from kunserve.worker.engine import EngineConfig, LLMEngine
 from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.model_config import CheckpointError, ModelConfig
 from kunserve.worker.sampling_params import SamplingParams
-
 from tests.conftest import hf_greedy, make_prompts
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)

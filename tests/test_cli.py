@@ -6,9 +6,10 @@ import json
 import subprocess
 import sys
 
+from tokenizers import Tokenizer
+
 from kunserve.worker.engine import EngineConfig, LLMEngine
 from kunserve.worker.sampling_params import SamplingParams
-from tokenizers import Tokenizer
 
 
 def kunserve(*args: str) -> subprocess.CompletedProcess:

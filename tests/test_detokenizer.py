@@ -5,8 +5,9 @@ from __future__ import annotations
 import random
 
 import pytest
-from kunserve.worker.detokenizer import IncrementalDetokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from kunserve.worker.detokenizer import IncrementalDetokenizer
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

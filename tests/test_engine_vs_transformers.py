@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from kunserve.worker.engine import EngineConfig, LLMEngine
 from kunserve.worker.sampling_params import SamplingParams
-
 from tests.conftest import hf_greedy, hf_model, make_prompts
 
 MAX_TOKENS = 24

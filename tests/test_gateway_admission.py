@@ -8,7 +8,6 @@ import json
 
 import httpx
 import pytest
-from kunserve.gateway.admission import AdmissionController, AdmissionRejected
 from test_gateway_harness import (
     MODEL_NAME,
     FakeMesh,
@@ -17,6 +16,8 @@ from test_gateway_harness import (
     make_settings,
     served_gateway,
 )
+
+from kunserve.gateway.admission import AdmissionController, AdmissionRejected
 
 STREAM = {"model": MODEL_NAME, "prompt": "hello there", "max_tokens": 8, "stream": True}
 

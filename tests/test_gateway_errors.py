@@ -7,7 +7,6 @@ import json
 
 import pytest
 from fastapi import APIRouter
-from kunserve.gateway.dependencies import AdminDep
 from test_gateway_harness import (
     MODEL_NAME,
     FakeMesh,
@@ -16,6 +15,8 @@ from test_gateway_harness import (
     make_settings,
     sse_payloads,
 )
+
+from kunserve.gateway.dependencies import AdminDep
 
 OK = {"model": MODEL_NAME, "prompt": "hello", "max_tokens": 2}
 CHAT_OK = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}

@@ -9,6 +9,10 @@ import statistics
 import time
 from unittest.mock import MagicMock
 
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from test_gateway_harness import MODEL_NAME, FakeMesh, clear_redis, gateway_client, make_settings
+
 from kunserve.gateway.admission import AdmissionController
 from kunserve.gateway.generation import Generation
 from kunserve.gateway.metrics import GatewayMetrics
@@ -17,9 +21,6 @@ from kunserve.gateway.request_tracker import Arrival, RequestTracker
 from kunserve.gateway.streaming import sse_events
 from kunserve.ledger import Ledger
 from kunserve.protocol import GenerateRequest, RequestUpdate, Sampling, encode
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from test_gateway_harness import MODEL_NAME, FakeMesh, clear_redis, gateway_client, make_settings
 
 PER_TOKEN_BOUND_S = 250e-6
 TTFT_BOUND_S = 5e-3

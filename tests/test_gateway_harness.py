@@ -24,6 +24,8 @@ import msgspec
 import nats
 import redis.asyncio as aioredis
 import uvicorn
+from tokenizers import Tokenizer
+
 from kunserve.gateway.app import create_app
 from kunserve.gateway.settings import GatewaySettings
 from kunserve.protocol import (
@@ -37,7 +39,6 @@ from kunserve.protocol import (
     encode,
 )
 from kunserve.servers import ServerProcess, free_port, start_nats, start_redis
-from tokenizers import Tokenizer
 
 MODEL_NAME = "tiny-llama"
 # what the fake worker "generates": one token per update, cycling through these ids

@@ -7,8 +7,6 @@ import json
 
 import pytest
 import redis.asyncio as aioredis
-from kunserve.protocol import RedisKeys, Topology, encode
-from kunserve.servers import start_nats
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from test_gateway_harness import (
@@ -21,6 +19,9 @@ from test_gateway_harness import (
     servers,
     sse_payloads,
 )
+
+from kunserve.protocol import RedisKeys, Topology, encode
+from kunserve.servers import start_nats
 
 VLLM_NAMES = ["vllm:time_to_first_token_seconds", "vllm:inter_token_latency_seconds",
               "vllm:e2e_request_latency_seconds", "vllm:request_queue_time_seconds",

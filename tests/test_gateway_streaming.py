@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from kunserve.ledger import Ledger
-from kunserve.protocol import Sampling
 from test_gateway_harness import (
     MODEL_NAME,
     FakeMesh,
@@ -18,6 +16,9 @@ from test_gateway_harness import (
     sse_payloads,
 )
 from tokenizers import Tokenizer
+
+from kunserve.ledger import Ledger
+from kunserve.protocol import Sampling
 
 PROMPT = "The quick brown fox"
 

@@ -8,8 +8,9 @@ import shutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kunserve.gateway.tokenization import ChatTemplateError, PromptTokenizer
 from test_gateway_harness import gateway_client, make_settings, model_dir
+
+from kunserve.gateway.tokenization import ChatTemplateError, PromptTokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello!"}],

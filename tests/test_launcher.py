@@ -9,16 +9,14 @@ import os
 import re
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
+
 from kunserve.cli import main
 from kunserve.launcher import (
     LauncherSettings,
@@ -27,6 +25,7 @@ from kunserve.launcher import (
     up_config,
 )
 from kunserve.servers import free_port
+from tests.stack import Up, alive, assert_all_gone
 
 CONFIG_JSON = {"model_type": "llama", "vocab_size": 512, "hidden_size": 64,
                "intermediate_size": 128, "num_hidden_layers": 3, "num_attention_heads": 4,
@@ -163,68 +162,6 @@ DRIVER = textwrap.dedent('''
 ''')
 
 
-class Up:
-    """A launcher subprocess whose output lines are collected as they come."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
-        self.process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.errors: list[str] = []
-        self._readers = [threading.Thread(target=self._read, args=(s, lst), daemon=True)
-                         for s, lst in ((self.process.stdout, self.lines),
-                                        (self.process.stderr, self.errors))]
-        for reader in self._readers:
-            reader.start()
-
-    @staticmethod
-    def _read(stream, into: list[str]) -> None:
-        for line in stream:
-            into.append(line.rstrip("\n"))
-
-    def wait_for_line(self, prefix: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            found = [line for line in self.lines if line.startswith(prefix)]
-            if found:
-                return found[0]
-            if self.process.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"no {prefix!r} line; stdout:\n" + "\n".join(self.lines)
-                             + "\nstderr:\n" + "\n".join(self.errors[-40:]))
-
-    def descendants(self) -> list[psutil.Process]:
-        return psutil.Process(self.process.pid).children(recursive=True)
-
-    def finish(self, timeout: float) -> int:
-        code = self.process.wait(timeout)
-        for reader in self._readers:
-            reader.join(5)
-        return code
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def assert_all_gone(processes: list[psutil.Process], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    left = processes
-    while left and time.monotonic() < deadline:
-        left = [p for p in left if _alive(p)]
-        time.sleep(0.05)
-    assert not left, f"left behind: {[(p.pid, p.info if hasattr(p, 'info') else p) for p in left]}"
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.fixture
 def launch_env(tmp_path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KUNSERVE_")}
@@ -284,7 +221,7 @@ def test_a_child_dying_at_start_up_is_reported_and_everything_stops(fake_up):
     assert "worker-1 exited with code 3 during start-up" in stderr
     assert "boom: the checkpoint is corrupt" in stderr
     assert not any(line.startswith("kunserve ready") for line in up.lines)
-    assert not [p for p in psutil.Process().children(recursive=True) if _alive(p)
+    assert not [p for p in psutil.Process().children(recursive=True) if alive(p)
                 and "fake_child" in " ".join(p.cmdline())]
     servers = up.wait_for_line("kunserve up: servers up:", timeout=1)
     for port in re.findall(r":(\d+)", servers):  # nats-server and redis-server are gone

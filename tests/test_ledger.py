@@ -11,9 +11,10 @@ import time
 import uuid
 
 import pytest
-from kunserve.ledger import Ledger, RequestStatus
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
+
+from kunserve.ledger import Ledger, RequestStatus
 
 POSTGRES_URL = os.environ.get("KUNSERVE_TEST_POSTGRES_URL")
 

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+
 from kunserve.worker.model import paged_decode as pd
 
 BLOCK = 16

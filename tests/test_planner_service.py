@@ -12,6 +12,8 @@ import sys
 
 import nats
 import pytest
+from redis.asyncio import Redis
+
 from kunserve.planner.membership import next_topology, solo_instance
 from kunserve.protocol import (
     InstanceInfo,
@@ -23,7 +25,6 @@ from kunserve.protocol import (
     encode,
 )
 from kunserve.servers import start_nats, start_redis
-from redis.asyncio import Redis
 
 NUM_LAYERS = 6
 

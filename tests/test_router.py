@@ -13,6 +13,8 @@ import msgspec
 import nats
 import pytest
 import redis.asyncio as aioredis
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from kunserve.protocol import (
     GenerateRequest,
     InstanceInfo,
@@ -30,7 +32,6 @@ from kunserve.router.load_balancer import InstanceView, dispatch_order, pick
 from kunserve.router.router import NO_INSTANCE_ERROR, Router
 from kunserve.router.settings import RouterSettings
 from kunserve.telemetry import inject_headers, setup_tracing
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 pytest_plugins = ["tests.mesh_fixtures"]
 

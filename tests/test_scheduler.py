@@ -8,6 +8,7 @@ import random
 import pytest
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
+
 from kunserve.worker.block_manager import BlockManager
 from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.sampling_params import SamplingParams

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
 from kunserve.tiny_model import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -19,8 +22,6 @@ from kunserve.tiny_model import (
     SPECIAL_TOKENS,
     make_tiny_model,
 )
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")

@@ -14,6 +14,8 @@ import nats
 import pytest
 import redis.asyncio as aioredis
 import torch
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from kunserve.protocol import (
     AbortRequest,
     GenerateRequest,
@@ -30,7 +32,6 @@ from kunserve.worker.engine import EngineConfig, LLMEngine
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.server import SHUTDOWN_ERROR, WorkerServer
 from kunserve.worker.settings import WorkerSettings
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 pytest_plugins = ["tests.mesh_fixtures"]
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
 from kunserve.worker.model.paged_decode import paged_decode_attention
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.model.attention import AttentionMetadata, paged_attention
 from kunserve.worker.model.rope import RotaryEmbedding, apply_rotary
 from kunserve.worker.model_config import ModelConfig
-from torch import nn
 
 
 class RMSNorm(nn.Module):

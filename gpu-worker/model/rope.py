@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from kunserve.worker.model_config import RopeConfig
 
 

@@ -66,9 +66,10 @@ def _build_default_model(path: Path) -> str:
 
 def measure(model_dir: str, levels: list[int], prompt_len: int, output_len: int,
             repeats: int = 1) -> dict:
+    from transformers import AutoModelForCausalLM
+
     from kunserve.worker.engine import EngineConfig, LLMEngine
     from kunserve.worker.sampling_params import SamplingParams
-    from transformers import AutoModelForCausalLM
 
     max_c = max(levels)
     kv_tokens = max_c * (prompt_len + output_len)
