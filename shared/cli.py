@@ -127,8 +127,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a side-by-side table")
     bench = p.add_subparsers(dest="bench", required=True)
     from kunserve.bench import engine as engine_bench
+    from kunserve.bench import mesh as mesh_bench
 
     engine_bench.add_parser(bench)
+    mesh_bench.add_parser(bench)
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
