@@ -24,12 +24,30 @@ from kunserve.worker.memory_budget import KVGeometry
 
 
 class KVCache:
+    """``capacity_bytes`` (default: exactly ``num_blocks`` blocks) is the range reserved up
+    front; ``reshape`` may later re-read the same bytes as more, thinner blocks."""
+
     def __init__(self, geometry: KVGeometry, num_blocks: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", capacity_bytes: int | None = None) -> None:
         self.geometry = geometry
         self.num_blocks = num_blocks
-        self.storage = _zeroed_storage(num_blocks * self._block_elements(), dtype,
-                                       torch.device(device))
+        capacity = capacity_bytes if capacity_bytes is not None else num_blocks * geometry.block_bytes
+        if capacity < num_blocks * geometry.block_bytes:
+            raise ValueError("the reserved range is smaller than the initial blocks")
+        self.storage = _zeroed_storage(capacity // dtype.itemsize, dtype, torch.device(device))
+        self._layers = self._layer_views()
+
+    def reshape(self, geometry: KVGeometry, num_blocks: int) -> None:
+        """Re-read the storage as ``num_blocks`` blocks of ``geometry`` without copying.
+
+        With ``L`` layers per block before and ``L/g`` after, old block ``b`` becomes new
+        blocks ``b·g .. b·g+g-1``, new block ``b·g+j`` holding old layers ``[j·L/g, (j+1)·L/g)``
+        of the same tokens; blocks past ``old_blocks·g`` are new memory.
+        """
+        if num_blocks * geometry.block_bytes > self.storage.numel() * self.storage.element_size():
+            raise ValueError(f"{num_blocks} blocks of {geometry.block_bytes} bytes do not fit "
+                             f"the reserved {self.storage.nbytes} bytes")
+        self.geometry, self.num_blocks = geometry, num_blocks
         self._layers = self._layer_views()
 
     def _block_elements(self) -> int:
@@ -48,6 +66,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the blocks in use (the reserved range may be larger)."""
         return self.num_blocks * self.geometry.block_bytes
 
 
