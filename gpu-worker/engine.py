@@ -1,17 +1,20 @@
 """The engine loop: ``step()`` = schedule -> execute -> update.
 
-``LLMEngine`` wires a model stage, its KV cache, the block manager, the scheduler and the
-detokenizers together for one instance holding the whole model. It is transport-free: the
-worker process (and the ``kunserve generate`` CLI) drive it by calling ``add_request`` and
-``step``.
+``LLMEngine`` wires a step runner (the model and its KV caches), the block manager, the
+scheduler and the detokenizers together. Here the runner is the whole model in this process;
+``pipeline/pipeline_engine.py`` subclasses it with a runner that is stage 0 of a pipeline group,
+which keeps several steps in flight. It is transport-free: the worker process (and the
+``kunserve generate`` CLI) drive it by calling ``add_request`` and ``step``.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer
@@ -19,21 +22,17 @@ from tokenizers import Tokenizer
 from kunserve.worker.block_manager import BlockManager
 from kunserve.worker.checkpoint import TORCH_DTYPES, load_stage
 from kunserve.worker.detokenizer import IncrementalDetokenizer
+from kunserve.worker.instance_memory import kv_geometry, plan_instance_memory
 from kunserve.worker.kv_cache import KVCache
 from kunserve.worker.layer_range import LayerRange
-from kunserve.worker.memory_budget import (
-    KVGeometry,
-    MemoryPlan,
-    activation_reserve,
-    default_cpu_budget,
-    plan_memory,
-)
+from kunserve.worker.memory_budget import MemoryPlan
 from kunserve.worker.model import paged_decode
 from kunserve.worker.model_config import ModelConfig
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.scheduler import Scheduler, SchedulerConfig
+from kunserve.worker.scheduler_output import SchedulerOutput
 
 
 @dataclass
@@ -76,51 +75,53 @@ class Completion:
     error: str | None = None
 
 
+class StepRunner(Protocol):
+    """What the engine loop drives. Up to ``depth`` submitted steps are in flight; ``collect``
+    returns the sampled tokens of the oldest one (request id -> token)."""
+
+    depth: int
+
+    def submit(self, out: SchedulerOutput) -> None: ...
+
+    def collect(self) -> dict[str, int]: ...
+
+    def release(self, request_ids: list[str]) -> None:
+        """Requests that left the engine (reported by a step that ran nothing)."""
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
-        num_layers = self.model_config.num_layers
-        self.stages = [
-            load_stage(config.model, LayerRange.for_stage(r, config.num_stages, num_layers),
-                       dtype=config.dtype)
-            for r in range(config.num_stages)]
         self.tokenizer = _load_tokenizer(Path(config.model))
-        self.memory = self._plan_memory()
-        self.kv_caches = [
-            KVCache(self._geometry(stage.layer_range.size), self.memory.num_blocks,
-                    TORCH_DTYPES[config.dtype]) for stage in self.stages]
+        self.runner, self.memory = self._load_model()
         self.block_manager = BlockManager(self.memory.num_blocks, config.block_size)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            self.max_model_len),
+                            self.max_model_len, num_micro_batches=self.runner.depth),
             self.block_manager)
-        self.runner = ModelRunner(self.stages, self.kv_caches)
         paged_decode.available()  # build or load the fused kernel now, not on the first request
+        self._in_flight: deque[SchedulerOutput] = deque()
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._rejected: list[RequestOutput] = []
         self._next_id = 0
 
-    def _geometry(self, layers_held: int) -> KVGeometry:
-        c = self.model_config
-        return KVGeometry(layers_held=layers_held, block_size=self.config.block_size,
-                          num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
-                          dtype_bytes=TORCH_DTYPES[self.config.dtype].itemsize)
-
-    def _plan_memory(self) -> MemoryPlan:
-        c, cfg = self.model_config, self.config
+    def _load_model(self) -> tuple[StepRunner, MemoryPlan]:
+        """The whole model in this process, as ``num_stages`` chained stages."""
+        config, num_layers = self.config, self.model_config.num_layers
+        self.stages = [
+            load_stage(config.model, LayerRange.for_stage(r, config.num_stages, num_layers),
+                       dtype=config.dtype)
+            for r in range(config.num_stages)]
         params = sum(stage.parameter_bytes() for stage in self.stages)
-        reserve = cfg.reserve_bytes
-        if reserve is None:
-            reserve = activation_reserve(c.hidden_size, c.intermediate_size,
-                                         c.q_size + 2 * c.kv_size, c.vocab_size,
-                                         cfg.max_num_batched_tokens, cfg.max_num_seqs,
-                                         TORCH_DTYPES[cfg.dtype].itemsize)
-        budget = cfg.memory_per_instance or default_cpu_budget(params) + reserve
-        return plan_memory(budget, params, reserve, self._geometry(c.num_layers))
+        memory = plan_instance_memory(config, self.model_config, params, num_layers)
+        self.kv_caches = [
+            KVCache(kv_geometry(config, self.model_config, stage.layer_range.size),
+                    memory.num_blocks, TORCH_DTYPES[config.dtype]) for stage in self.stages]
+        return ModelRunner(self.stages, self.kv_caches), memory
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -169,7 +170,7 @@ class LLMEngine:
         self._detokenizers.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self._rejected)
+        return self.scheduler.has_unfinished() or bool(self._rejected or self._in_flight)
 
     def _new_id(self) -> str:
         self._next_id += 1
@@ -177,12 +178,34 @@ class LLMEngine:
 
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Fill the runner with up to ``depth`` scheduled steps, then take back the oldest."""
         outputs, self._rejected = self._rejected, []
-        scheduled = self.scheduler.schedule()
-        sampled = self.runner.execute(scheduled)
-        for request, new_ids in self.scheduler.update_from_output(scheduled, sampled):
-            outputs.append(self._output(request, new_ids))
+        self._fill()
+        return outputs + self._collect()
+
+    def drain(self) -> list[RequestOutput]:
+        """Take back every step in flight without scheduling more."""
+        outputs = []
+        while self._in_flight:
+            outputs += self._collect()
         return outputs
+
+    def _fill(self) -> None:
+        while len(self._in_flight) < self.runner.depth:
+            scheduled = self.scheduler.schedule()
+            if scheduled.is_empty:
+                self.runner.release(scheduled.finished)
+                return
+            self.runner.submit(scheduled)
+            self._in_flight.append(scheduled)
+
+    def _collect(self) -> list[RequestOutput]:
+        """Update from the oldest step in flight (or from none: reports capped requests)."""
+        scheduled, sampled = SchedulerOutput(), {}
+        if self._in_flight:
+            scheduled, sampled = self._in_flight.popleft(), self.runner.collect()
+        return [self._output(request, new_ids)
+                for request, new_ids in self.scheduler.update_from_output(scheduled, sampled)]
 
     def _output(self, request: Request, new_ids: list[int]) -> RequestOutput:
         text = ""

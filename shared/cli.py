@@ -128,9 +128,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     bench = p.add_subparsers(dest="bench", required=True)
     from kunserve.bench import engine as engine_bench
     from kunserve.bench import mesh as mesh_bench
+    from kunserve.bench import pipeline as pipeline_bench
 
     engine_bench.add_parser(bench)
     mesh_bench.add_parser(bench)
+    pipeline_bench.add_parser(bench)
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:

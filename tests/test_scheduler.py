@@ -635,3 +635,177 @@ def test_random_workloads_finish_and_free_every_block(w, seed):
             assert len(out_ids) == s["max_tokens"] or r.num_tokens >= w["max_model_len"]
         if s["eos"] and not s["ignore_eos"]:
             assert EOS not in out_ids[:-1]
+
+
+# -- micro-batches in flight (a pipeline group) ----------------------------------------------
+def make_pipelined(num_micro_batches: int, **kw) -> Scheduler:
+    bm_kw = {k: kw.pop(k) for k in ("num_blocks", "block_size") if k in kw}
+    return Scheduler(SchedulerConfig(num_micro_batches=num_micro_batches, **kw),
+                     BlockManager(bm_kw.get("num_blocks", 64), bm_kw.get("block_size", 4)))
+
+
+def sample_all(out: SchedulerOutput, token: int = TOKEN) -> dict[str, int]:
+    return {c.request_id: token for c in out.chunks if c.samples}
+
+
+def test_in_flight_request_is_skipped_until_its_output_comes_back():
+    sched = make_pipelined(2)
+    reqs = add_all(sched, make_requests(4, prompt_len=5, max_tokens=3))
+    first, second = sched.schedule(), sched.schedule()
+    # the live sequences split evenly over the two micro-batches
+    assert scheduled_ids(first) == ["r0", "r1"] and scheduled_ids(second) == ["r2", "r3"]
+    assert sched.num_in_flight == 4 and sched.is_in_flight("r0")
+    assert sched.schedule().is_empty  # everyone is in flight
+    sched.update_from_output(first, {"r0": 11, "r1": 12})
+    assert not sched.is_in_flight("r0") and sched.is_in_flight("r2")
+    third = sched.schedule()
+    assert scheduled_ids(third) == ["r0", "r1"]
+    assert [(c.start_position, c.token_ids) for c in third.chunks] == [(5, [11]), (5, [12])]
+    sched.update_from_output(second, sample_all(second))
+    sched.update_from_output(third, sample_all(third))
+    assert [r.num_output_tokens for r in reqs] == [2, 2, 1, 1]
+
+
+def test_chunked_prefill_waits_for_its_previous_chunk():
+    sched = make_pipelined(2, max_num_batched_tokens=4)
+    (r,) = add_all(sched, make_requests(1, prompt_len=10))
+    first = sched.schedule()
+    assert [(c.start_position, c.num_tokens) for c in first.chunks] == [(0, 4)]
+    assert sched.schedule().is_empty
+    sched.update_from_output(first, {})
+    second = sched.schedule()
+    assert [(c.start_position, c.num_tokens) for c in second.chunks] == [(4, 4)]
+    assert r.num_computed_tokens == 4
+
+
+def test_a_request_needing_blocks_held_by_an_in_flight_one_waits_then_preempts_it():
+    sched = make_pipelined(2, num_blocks=4, block_size=4)
+    old = make_request("old", prompt_len=4, max_tokens=5, base=1000)  # 1 block, then 2
+    new = make_request("new", prompt_len=12, max_tokens=5, base=2000)  # 3 blocks
+    waiting = make_request("waiting", prompt_len=1, max_tokens=1, base=3000)
+    add_all(sched, [old, new])
+    first, second = sched.schedule(), sched.schedule()
+    assert scheduled_ids(first) == ["old"] and scheduled_ids(second) == ["new"]
+    assert sched.block_manager.num_free == 0
+    sched.update_from_output(first, {"old": 11})
+    add_all(sched, [waiting])
+    # old needs a 2nd block; only "new" could free one and it is in flight: old waits, nobody
+    # is preempted and nobody is admitted
+    stalled = sched.schedule()
+    assert stalled.is_empty and stalled.preempted == []
+    assert new.num_preemptions == 0 and sched.num_waiting == 1
+    sched.update_from_output(second, {"new": 21})
+    out = sched.schedule()
+    assert out.preempted == ["new"] and scheduled_ids(out) == ["old"]
+    assert new.status == RequestStatus.WAITING and new.output_token_ids == [21]
+
+
+def test_the_victim_is_the_newest_request_not_in_flight():
+    sched = make_pipelined(3, num_blocks=5, block_size=4)
+    a = make_request("a", prompt_len=4, max_tokens=5, base=1000)
+    b = make_request("b", prompt_len=4, max_tokens=5, base=2000)
+    c = make_request("c", prompt_len=12, max_tokens=5, base=3000)
+    add_all(sched, [a, b, c])
+    outs = [sched.schedule() for _ in range(3)]
+    assert [scheduled_ids(o) for o in outs] == [["a"], ["b"], ["c"]]
+    sched.update_from_output(outs[0], {"a": 1})
+    sched.update_from_output(outs[1], {"b": 2})
+    out = sched.schedule()  # a needs a block: c is newest but in flight, so b goes
+    assert out.preempted == ["b"] and scheduled_ids(out) == ["a"]
+    assert sched.block_manager.block_table("c") == outs[2].chunks[0].block_table
+
+
+def test_abort_in_flight_ignores_its_chunk_and_holds_the_id_until_it_returns():
+    sched = make_pipelined(2)
+    add_all(sched, make_requests(2, prompt_len=5, max_tokens=3))
+    first, second = sched.schedule(), sched.schedule()
+    assert sched.finish_request("r0", RequestStatus.FINISHED_ABORTED) is not None
+    assert sched.block_manager.block_table("r0") == []
+    with pytest.raises(ValueError, match="still in flight"):
+        sched.add_request(make_request("r0"))
+    progressed = sched.update_from_output(first, {"r0": TOKEN})
+    assert progressed == []
+    sched.add_request(make_request("r0", base=5000))  # its old chunk is back: the id is free
+    sched.update_from_output(second, sample_all(second))
+    run_until_done(sched)
+    assert_all_blocks_free(sched)
+
+
+def test_updating_an_output_twice_is_an_error():
+    sched = make_pipelined(2)
+    add_all(sched, make_requests(1))
+    out = sched.schedule()
+    sched.update_from_output(out, sample_all(out))
+    with pytest.raises(ValueError, match="no chunk in flight"):
+        sched.update_from_output(out, sample_all(out))
+
+
+def test_seats_spread_sequences_over_micro_batches():
+    sched = make_pipelined(4)
+    add_all(sched, make_requests(9, prompt_len=2))
+    outs = [sched.schedule() for _ in range(4)]
+    assert [len(o.chunks) for o in outs] == [3, 3, 3, 0]
+    assert sorted(i for o in outs for i in scheduled_ids(o)) == sorted(sched.requests)
+
+
+@settings(max_examples=100, deadline=None)
+@given(w=workloads(), depth=st.integers(2, 4), seed=st.integers(0, 2**16))
+def test_random_workloads_with_micro_batches_in_flight(w, depth, seed):
+    """Outputs go out ``depth`` at a time and come back in order: no request is in two of
+    them, each chunk continues exactly where the last one came back, the blocks of a chunk in
+    flight stay its request's, and everything finishes with every block free."""
+    rng = random.Random(seed)
+    sched = Scheduler(SchedulerConfig(max_num_seqs=w["max_num_seqs"],
+                                      max_num_batched_tokens=w["budget"],
+                                      max_model_len=w["max_model_len"],
+                                      num_micro_batches=depth),
+                      BlockManager(w["num_blocks"], w["block_size"]))
+    bm = sched.block_manager
+    requests = {f"r{i}": make_request(f"r{i}", s["prompt_len"], s["max_tokens"],
+                                      eos_token_ids=(EOS,) if s["eos"] else (),
+                                      base=s["base"], ignore_eos=s["ignore_eos"])
+                for i, s in enumerate(w["specs"])}
+    specs = dict(zip(requests, w["specs"], strict=True))
+    in_flight: list[SchedulerOutput] = []
+    max_steps = depth * (10 + sum(s["arrive_at"] + s["prompt_len"] + s["max_tokens"] + 2
+                                  for s in w["specs"]))
+    for t in range(max_steps):
+        for rid, s in specs.items():
+            if s["arrive_at"] == t:
+                sched.add_request(requests[rid])
+            if s["abort_at"] == t and rid in sched.requests:
+                sched.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+        if t > max(s["arrive_at"] for s in w["specs"]) and not sched.has_unfinished() \
+                and not in_flight:
+            break
+        while len(in_flight) < depth:
+            out = sched.schedule()
+            flying = {i for o in in_flight for i in scheduled_ids(o)}
+            assert not set(scheduled_ids(out)) & flying
+            assert out.num_batched_tokens <= w["budget"]
+            for c in out.chunks:
+                r = requests[c.request_id]
+                assert c.start_position == r.num_computed_tokens
+                assert c.token_ids == (r.prompt_token_ids + r.output_token_ids)[
+                    c.start_position:c.start_position + c.num_tokens]
+            if out.is_empty:
+                break
+            in_flight.append(out)
+        for o in in_flight:
+            for c in o.chunks:
+                if c.request_id in sched.requests:  # not aborted: its blocks are still its own
+                    assert bm.block_table(c.request_id)[:len(c.block_table)] == c.block_table
+        if in_flight:
+            out = in_flight.pop(0)
+            sched.update_from_output(out, {c.request_id: rng.choice([EOS, 3, 4, 5])
+                                           for c in out.chunks if c.samples})
+        held = [b for rid in sched.requests for b in bm.block_table(rid)]
+        assert len(held) == len(set(held)) == bm.usage().used
+    else:
+        raise AssertionError(f"workload not finished after {max_steps} steps")
+    assert not sched.has_unfinished() and sched.num_in_flight == 0
+    assert bm.usage().used == 0
+    for rid, r in requests.items():
+        assert r.finished
+        if r.status != RequestStatus.FINISHED_ABORTED:
+            assert 1 <= r.num_output_tokens <= specs[rid]["max_tokens"]

@@ -1,0 +1,122 @@
+"""The leader's side of a pipeline group as the engine's step runner: stage 0 plus the link.
+
+``submit`` builds the step's inputs, runs stage 0 (the embedding and the first layers) and
+sends the chunks and hidden states to rank 1 without waiting, so the leader can schedule and
+run the next micro-batch while this one is in later stages; ``collect`` waits for the oldest
+micro-batch's sampled tokens from the last rank. Micro-batches leave and come back in order.
+The runner does not schedule (the engine and scheduler do) and does not sample (the last rank
+does).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NoReturn, TypeVar
+
+import torch
+
+from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+from kunserve.worker.pipeline.stage_messages import (
+    LeaderMessage,
+    PipelineStopped,
+    SampledTokens,
+    StageBatch,
+    StopPipeline,
+)
+from kunserve.worker.scheduler_output import SchedulerOutput
+from kunserve.worker.stage_executor import StageExecutor
+from kunserve.worker.step_inputs import prepare_inputs
+
+T = TypeVar("T")
+
+
+@dataclass
+class _InFlight:
+    seq: int
+    sampling_ids: list[str]  # request ids of the rows the last rank samples, in order
+
+
+class LeaderRunner:
+    def __init__(self, executor: StageExecutor, link: StageLink, depth: int) -> None:
+        if not link.is_leader or not executor.is_first or link.size < 2:
+            raise ValueError("the leader runner is rank 0 of a group of 2 or more stages")
+        self.executor = executor
+        self.link = link
+        self.depth = depth
+        self.broken: StageLinkError | None = None
+        self._in_flight: deque[_InFlight] = deque()
+        self._finished: list[str] = []  # to tell the last rank with the next batch
+        self._next_seq = 0
+
+    # -- the engine's step-runner interface --------------------------------------------------
+    @torch.inference_mode()
+    def submit(self, out: SchedulerOutput) -> None:
+        self._check()
+        inputs = prepare_inputs(out.chunks, self.executor.block_size)
+        hidden = self.executor.forward(inputs.input_ids, inputs)  # (N, H)
+        batch = StageBatch(seq=self._next_seq, chunks=out.chunks,
+                           finished=self._finished + out.finished)
+        self._guard(lambda: (self.link.send_message(batch, 1), self.link.send_tensor(hidden, 1)),
+                    f"sending micro-batch {batch.seq} to stage 1")
+        self._finished = []
+        self._in_flight.append(_InFlight(batch.seq, [c.request_id
+                                                     for c in inputs.sampling_chunks]))
+        self._next_seq += 1
+
+    def collect(self) -> dict[str, int]:
+        self._check()
+        expected = self._in_flight.popleft()
+        reply = self._guard(lambda: self.link.recv_message(LeaderMessage, self.link.last_rank),
+                            f"waiting for micro-batch {expected.seq}'s tokens from the last "
+                            f"stage (rank {self.link.last_rank})")
+        if not isinstance(reply, SampledTokens) or reply.seq != expected.seq or len(
+                reply.token_ids) != len(expected.sampling_ids):
+            self._fail(f"expected {len(expected.sampling_ids)} tokens of micro-batch "
+                       f"{expected.seq} from the last stage, got {reply!r}")
+        return dict(zip(expected.sampling_ids, reply.token_ids, strict=True))
+
+    def release(self, request_ids: list[str]) -> None:
+        self._finished.extend(request_ids)
+
+    # -- the end of the epoch ----------------------------------------------------------------
+    def stop(self) -> list[float]:
+        """End the epoch: every rank leaves its loop. Returns each rank's busy seconds.
+        Collect every micro-batch in flight first."""
+        self._check()
+        if self._in_flight:
+            raise ValueError(f"{len(self._in_flight)} micro-batches are still in flight")
+
+        def stop_all() -> LeaderMessage:
+            self.link.send_message(StopPipeline(busy_seconds=[self.executor.busy_seconds]), 1)
+            reply = self.link.recv_message(LeaderMessage, self.link.last_rank)
+            self.link.flush()
+            return reply
+
+        reply = self._guard(stop_all, "stopping the stages")
+        if not isinstance(reply, PipelineStopped):
+            self._fail(f"expected the last stage to confirm the stop, got {reply!r}")
+        return reply.busy_seconds
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    # -- failure -----------------------------------------------------------------------------
+    def _guard(self, action: Callable[[], T], doing: str) -> T:
+        """Run a link operation; a failure breaks the runner for good."""
+        try:
+            return action()
+        except StageLinkError as exc:
+            message = str(exc)
+        self._fail(f"failed while {doing}: {message}")
+
+    def _check(self) -> None:
+        if self.broken is not None:
+            raise StageLinkError(f"broken: {self.broken}")
+
+    def _fail(self, message: str) -> NoReturn:
+        self.broken = StageLinkError(f"the pipeline group of epoch {self.link.epoch} "
+                                     f"{message}")
+        raise self.broken

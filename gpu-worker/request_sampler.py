@@ -1,0 +1,53 @@
+"""Samples one token per sampling chunk and owns the seeded generators, keyed by request id.
+
+A generator is made on a request's first sample and lives until the engine says the request
+finished (``forget``), so a seeded request draws from one stream for its whole life, across
+preemptions and whatever shares its batch. It lives next to the logits: in a pipeline group,
+on the last stage. The token choice itself is ``sampler.py``'s.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from kunserve.worker.sampler import Sampler, make_generator
+from kunserve.worker.scheduler_output import ScheduledChunk
+
+
+class RequestSampler:
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.sampler = Sampler()
+        self.busy_seconds = 0.0
+        self._generators: dict[str, torch.Generator] = {}
+
+    def sample(self, logits: torch.Tensor, chunks: list[ScheduledChunk]) -> list[int]:
+        """One token per row of ``logits`` (S, V), row ``i`` being ``chunks[i]``'s."""
+        start = time.perf_counter()
+        tokens = self.sampler(
+            logits,
+            [c.sampling_params for c in chunks],
+            [c.output_token_ids for c in chunks],
+            [self._generator(c) for c in chunks],
+        )
+        self.busy_seconds += time.perf_counter() - start
+        return tokens
+
+    def forget(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            self._generators.pop(request_id, None)
+
+    @property
+    def num_generators(self) -> int:
+        return len(self._generators)
+
+    def _generator(self, chunk: ScheduledChunk) -> torch.Generator | None:
+        if chunk.sampling_params.seed is None:
+            return None
+        generator = self._generators.get(chunk.request_id)
+        if generator is None:
+            generator = make_generator(chunk.sampling_params, self.device)
+            self._generators[chunk.request_id] = generator
+        return generator
