@@ -1,7 +1,10 @@
 """One admitted request on the mesh, from submission to its last update.
 
 ``start`` submits it and returns once a worker took it, or raises ``OpenAIError`` (503 no
-router / no live worker / NATS down / timeout, 500 worker error). ``updates`` yields the
+router / no live worker / NATS down / timeout, 500 worker error). It waits for the router's
+answer only until the request's first update arrives: the worker's ``accepted`` says as much
+as the answer, and often sooner (the router answers after the worker's receipt, and its
+process may be waiting for a core while the worker's update is already in). ``updates`` yields the
 updates carrying tokens or the finish, and raises ``OpenAIError`` when the request fails on the
 way. ``close`` ends it on every path: an unfinished request is aborted on its worker, its
 admission budget is given back, its subscription dropped. ``close`` is synchronous and
@@ -47,6 +50,7 @@ class Generation:
         self._dispatch_timeout_s = dispatch_timeout_s
         self._request_timeout_s = request_timeout_s
         self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self._got_update = asyncio.Event()
         self._subscription = None
         self._first: RequestUpdate | None = None
 
@@ -58,26 +62,12 @@ class Generation:
         if not self._mesh.connected:
             raise self._fail(service_unavailable("NATS is not connected"), "unavailable")
         # subscribe before publishing: the first update may come back at once
-        self._subscription = await self._mesh.subscribe_updates(
-            self.request_id, self._inbox.put_nowait)
-        try:
-            instance_id = await self._mesh.submit(self.request, headers, self._dispatch_timeout_s)
-        except NoRespondersError:
-            raise self._fail(service_unavailable(
-                "no router is running (nobody consumes kunserve.generate)"), "unavailable"
-            ) from None
-        except NatsTimeoutError:
-            raise self._fail(service_unavailable(
-                f"no router answered within {self._dispatch_timeout_s:g}s"), "timeout",
-                abort=True) from None
-        except NatsError as exc:
-            raise self._fail(service_unavailable(f"NATS: {exc}"), "unavailable") from None
-        if not instance_id:
-            raise self._fail(service_unavailable(NO_WORKER), "unavailable")
+        self._subscription = await self._mesh.subscribe_updates(self.request_id, self._deliver)
+        instance_id = await self._submit(headers)
         update = await self._next(self._dispatch_timeout_s, "no worker accepted the request")
         if update.finished and update.finish_reason == "error":
             raise self._fail_from(update)
-        self._tracker.on_accepted(update.instance_id or instance_id)
+        self._tracker.on_accepted(update.instance_id or instance_id or "")
         if update.token_ids or update.text or update.finished:
             self._first = update
 
@@ -100,6 +90,41 @@ class Generation:
         self._release()
 
     # -- internals ---------------------------------------------------------------------------
+    def _deliver(self, data: bytes) -> None:
+        self._inbox.put_nowait(data)
+        self._got_update.set()
+
+    async def _submit(self, headers: dict[str, str]) -> str | None:
+        """Hand the request to a router: the instance it chose, or None when an update of
+        the request arrived before the router's answer (no longer waited for)."""
+        answer = asyncio.ensure_future(
+            self._mesh.submit(self.request, headers, self._dispatch_timeout_s))
+        update = asyncio.ensure_future(self._got_update.wait())
+        try:
+            await asyncio.wait((answer, update), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when we are cancelled ourselves
+            update.cancel()
+            answered = answer.done()
+            if not answered:
+                answer.cancel()  # the answer, when it comes, is dropped by the NATS client
+        if not answered:
+            return None
+        try:
+            instance_id = answer.result()
+        except NoRespondersError:
+            raise self._fail(service_unavailable(
+                "no router is running (nobody consumes kunserve.generate)"), "unavailable"
+            ) from None
+        except NatsTimeoutError:
+            raise self._fail(service_unavailable(
+                f"no router answered within {self._dispatch_timeout_s:g}s"), "timeout",
+                abort=True) from None
+        except NatsError as exc:
+            raise self._fail(service_unavailable(f"NATS: {exc}"), "unavailable") from None
+        if not instance_id:
+            raise self._fail(service_unavailable(NO_WORKER), "unavailable")
+        return instance_id
+
     async def _next(self, timeout_s: float, silence: str) -> RequestUpdate:
         while True:
             if self._inbox.empty():

@@ -6,14 +6,13 @@ Settings come from flags (``--model``, ``--instance-id``, ``--memory-per-instanc
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
 from nats.errors import Error as NatsError
 from pydantic import ValidationError
 
-from kunserve.service_main import run_until_signal
+from kunserve.service_main import run_loop, run_until_signal
 from kunserve.worker.settings import WorkerSettings
 
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     # parallel work, and one is enough for a process that runs one step at a time
     torch.set_num_threads(settings.threads)
     torch.set_num_interop_threads(1)
-    return asyncio.run(serve(settings))
+    return run_loop(serve(settings))
 
 
 if __name__ == "__main__":

@@ -1,21 +1,22 @@
 """The worker process wrapper: NATS and Redis around one transport-free ``LLMEngine``.
 
-Two sides, one queue each way:
+Two sides:
 
-* ``EngineThread`` owns the engine on one dedicated thread. Every engine call (construction,
-  add, abort, step) happens there, fed by a thread-safe inbox. After each step it emits the
-  step's outputs, and at step boundaries (at most every ``load_refresh_ms`` while busy, at
-  least every ``liveness_ttl_ms / 3`` when idle) a load snapshot.
+* ``EngineThread`` owns the engine on one dedicated thread (every engine call happens there,
+  fed by a thread-safe inbox). What it produces goes, from that thread, to an
+  ``UpdatePublisher``: the request updates leave on a NATS connection of the engine thread's
+  own, with no hand-over to the event loop per token (``engine_thread.py`` says why).
 * ``WorkerServer`` (asyncio) subscribes to ``Subjects.worker_generate(id)`` and
-  ``Subjects.ABORT``, feeds the inbox, and publishes what the thread emits, in order, from one
-  pump task: ``RequestUpdate(accepted=True)`` once the engine took a request, then one update
-  per step in which the request produced tokens, the last one ``finished``.
+  ``Subjects.ABORT``, feeds the inbox, keeps each request's span, writes the load to Redis,
+  and publishes the few updates of requests that never reach the engine. The publisher tells
+  it, on its loop, about load reports and each request's end.
 
-What one request's updates subject carries: ``accepted``, then token updates, the last one
-``finished`` with ``finish_reason`` length | stop | abort | error; or, when the request never
-reached the engine (bad sampling value, a prompt the engine rejects, worker shutting down),
-a single finished update with ``error``. NATS requests on the generate subject get an
-immediate receipt: empty when taken, ``DRAINING_REPLY`` when the worker is stopping.
+What one request's updates subject carries: ``accepted``, then one update per step in which
+the request produced tokens, the last one ``finished`` with ``finish_reason`` length | stop |
+abort | error; or, when the request never reached the engine (bad sampling value, a prompt
+the engine rejects, worker shutting down), a single finished update with ``error``. NATS
+requests on the generate subject get a receipt once the request is in the engine's inbox:
+empty when taken, ``DRAINING_REPLY`` when the worker is stopping.
 
 Load goes to the Redis hash ``RedisKeys.load(id)`` (``InstanceLoad`` fields, PEXPIRE
 ``liveness_ttl_ms``). The router's reservation for a request is released in the same MULTI as
@@ -28,7 +29,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import msgspec
 import nats
@@ -56,6 +58,7 @@ from kunserve.worker.engine_thread import (
     Accepted,
     AddCommand,
     EngineThread,
+    Event,
 )
 from kunserve.worker.load_writer import LoadReport, LoadWriter
 from kunserve.worker.sampling_params import SamplingParams
@@ -77,18 +80,109 @@ async def log_nats_error(error: Exception) -> None:
 class _Tracked:
     span: Span
     num_prompt_tokens: int
-    got_tokens: bool = False
 
 
 @dataclass
-class _Events:
-    """Thread-to-loop channel: ``put`` from any thread, consumed in order on the loop."""
+class Finished:
+    """What the publisher tells the server when a request ends (wall-clock ns timestamps
+    of the span's events, taken on the engine thread)."""
 
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    update: RequestUpdate
+    accepted_ns: int | None = None
+    first_token_ns: int | None = None
 
-    def put(self, event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+@dataclass
+class _Live:
+    """A request the engine accepted and that has not finished (engine thread only)."""
+
+    num_prompt_tokens: int
+    accepted_ns: int
+    first_token_ns: int | None = None
+
+
+class UpdatePublisher:
+    """The engine thread's outlet: publishes request updates on a NATS connection of its own,
+    driven by the engine thread's loop, and hands load reports and request ends to the
+    server's loop (``server_loop``) through the given callbacks."""
+
+    def __init__(self, settings: WorkerSettings, server_loop: asyncio.AbstractEventLoop,
+                 on_load: Callable[[LoadReport], None], on_finished: Callable[[Finished], None],
+                 on_closed: Callable[[], None]) -> None:
+        self.settings = settings
+        self.instance_id = settings.instance_id
+        self._server_loop = server_loop
+        self._on_load, self._on_finished, self._on_closed = on_load, on_finished, on_closed
+        self._live: dict[str, _Live] = {}
+        self.nc: nats.NATS | None = None
+
+    async def open(self) -> None:
+        self.nc = await nats.connect(self.settings.nats_url,
+                                     name=f"kunserve-worker-{self.instance_id}-updates",
+                                     error_cb=log_nats_error, closed_cb=self._closed)
+
+    async def close(self) -> None:
+        if self.nc is not None:
+            if self.nc.is_connected:
+                await self.nc.drain()  # what was published still goes out
+            await self.nc.close()
+
+    async def emit(self, event: Event) -> None:
+        try:
+            await self._handle(event)
+        except Exception:  # the engine carries on; this request's client times out
+            logger.exception("failed to publish %s", type(event).__name__)
+        # one turn of the loop, in which the NATS client writes what was published: once
+        # this returns the engine may step, and the loop waits for the step
+        await asyncio.sleep(0)
+
+    async def _closed(self) -> None:
+        self._server_loop.call_soon_threadsafe(self._on_closed)
+
+    async def _handle(self, event: Event) -> None:
+        if isinstance(event, list):
+            for out in event:
+                await self._publish_output(out)
+        elif isinstance(event, Accepted):
+            self._live[event.request_id] = _Live(event.num_prompt_tokens, time.time_ns())
+            await self._publish(RequestUpdate(
+                request_id=event.request_id, instance_id=self.instance_id, accepted=True,
+                num_prompt_tokens=event.num_prompt_tokens))
+        elif isinstance(event, Aborted):
+            live = self._live.get(event.request_id)
+            if live is not None:  # else it finished already (or never started)
+                await self._finish(RequestUpdate(
+                    request_id=event.request_id, instance_id=self.instance_id, finished=True,
+                    finish_reason="abort", error=event.error,
+                    num_prompt_tokens=live.num_prompt_tokens))
+        elif isinstance(event, LoadReport):
+            self._server_loop.call_soon_threadsafe(self._on_load, event)
+
+    async def _publish_output(self, out: RequestOutput) -> None:
+        live = self._live.get(out.request_id)
+        if live is not None and out.new_token_ids and live.first_token_ns is None:
+            live.first_token_ns = time.time_ns()
+        update = RequestUpdate(
+            request_id=out.request_id, instance_id=self.instance_id,
+            token_ids=out.new_token_ids, text=out.new_text, finished=out.finished,
+            finish_reason=out.finish_reason, error=out.error,
+            num_prompt_tokens=out.num_prompt_tokens or (live.num_prompt_tokens if live else 0),
+            num_output_tokens=out.num_output_tokens)
+        await (self._finish(update) if out.finished else self._publish(update))
+
+    async def _publish(self, update: RequestUpdate) -> None:
+        if not self.nc.is_closed:
+            await self.nc.publish(Subjects.updates(update.request_id), encode(update))
+
+    async def _finish(self, update: RequestUpdate) -> None:
+        live = self._live.pop(update.request_id, None)
+        finished = Finished(update)
+        if live is not None:
+            finished.accepted_ns, finished.first_token_ns = live.accepted_ns, live.first_token_ns
+        # the server hears of the end before anyone can read the last update: its span has
+        # ended by then
+        self._server_loop.call_soon_threadsafe(self._on_finished, finished)
+        await self._publish(update)
 
 
 class WorkerServer:
@@ -103,9 +197,7 @@ class WorkerServer:
         self.redis: aioredis.Redis | None = None
         self._reservations: Reservations | None = None
         self._engine: EngineThread | None = None
-        self._events: _Events | None = None
         self._subs: list = []
-        self._tasks: list[asyncio.Task] = []
         self._active: dict[str, _Tracked] = {}
         self._early_aborts = _RecentAborts()
         self._accepting = False
@@ -118,26 +210,26 @@ class WorkerServer:
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
         """Build the engine, connect, subscribe; returns once the first load is in Redis."""
-        self._events = _Events(asyncio.get_running_loop())
-        self._engine = EngineThread(self.settings, self._events.put)
-        self.memory_report = await asyncio.wrap_future(self._engine.start())
+        # the load writer exists before the engine thread, which reports a load at once
+        self.redis = aioredis.from_url(self.settings.redis_url)
+        self._reservations = Reservations(self.redis)
+        self._writer = LoadWriter(self.redis, self._reservations, self.instance_id,
+                                  self.settings.liveness_ttl_ms, self._load_written.set)
+        publisher = UpdatePublisher(self.settings, asyncio.get_running_loop(),
+                                    self._writer.submit, self._on_finished, self._lost_nats)
+        self._engine = EngineThread(self.settings, publisher)
         try:
+            self.memory_report = await asyncio.wrap_future(self._engine.start())
             await self._connect()
         except BaseException:
             self._accepting = False
-            for task in self._tasks:
-                task.cancel()
             await asyncio.to_thread(self._engine.stop)
+            await self._writer.close()
             await self._close_connections()
             raise
         logger.info("worker %s serving %s", self.instance_id, self.settings.model)
 
     async def _connect(self) -> None:
-        self.redis = aioredis.from_url(self.settings.redis_url)
-        self._reservations = Reservations(self.redis)
-        self._writer = LoadWriter(self.redis, self._reservations, self.instance_id,
-                                  self.settings.liveness_ttl_ms, self._load_written.set)
-        self._tasks.append(asyncio.create_task(self._pump()))
         self.nc = await nats.connect(self.settings.nats_url,
                                      name=f"kunserve-worker-{self.instance_id}",
                                      error_cb=log_nats_error, closed_cb=self._on_nats_closed)
@@ -161,8 +253,6 @@ class WorkerServer:
             await self._subs[0].drain()  # late requests get DRAINING_REPLY: router reroutes
         await self._drain_requests()
         await asyncio.to_thread(self._engine.stop)
-        self._events.put(None)
-        await asyncio.gather(*self._tasks)
         await self._writer.close()
         try:  # gone from the routers' candidates now, not in liveness_ttl_ms
             await self.redis.delete(RedisKeys.load(self.instance_id),
@@ -184,6 +274,10 @@ class WorkerServer:
             await self.redis.aclose()
 
     async def _on_nats_closed(self) -> None:
+        self._lost_nats()
+
+    def _lost_nats(self) -> None:
+        """Either connection (this loop's or the publisher's) closed for good."""
         if self._accepting:
             logger.error("lost NATS for good; stopping")
             self.connection_lost.set()
@@ -203,27 +297,33 @@ class WorkerServer:
 
     # -- incoming ----------------------------------------------------------------------------
     async def _on_generate(self, msg: Msg) -> None:
-        if msg.reply:  # the router's receipt; a refusal makes it try another instance
-            await msg.respond(b"" if self._accepting else DRAINING_REPLY)
+        accepting = self._accepting  # what the receipt says (a refusal: the router reroutes)
         try:
             request = decode(msg.data, GenerateRequest)
         except msgspec.DecodeError as exc:
             logger.warning("dropped a malformed GenerateRequest: %s", exc)
-            return
-        rid, n_prompt = request.request_id, len(request.prompt_token_ids)
-        if not self._accepting:
-            if not msg.reply:  # nobody will reroute it: say so rather than go silent
+            request = None
+        try:
+            if request is not None and accepting:
+                await self._take(request, msg.headers)
+            elif request is not None and not msg.reply:  # nobody will reroute it: say so
                 await self._publish(RequestUpdate(
-                    request_id=rid, instance_id=self.instance_id, finished=True,
-                    finish_reason="error", error=SHUTDOWN_ERROR, num_prompt_tokens=n_prompt))
-            return
+                    request_id=request.request_id, instance_id=self.instance_id,
+                    finished=True, finish_reason="error", error=SHUTDOWN_ERROR,
+                    num_prompt_tokens=len(request.prompt_token_ids)))
+        finally:  # after the engine has it: the receipt is off the request's critical path
+            if msg.reply:
+                await msg.respond(b"" if accepting else DRAINING_REPLY)
+
+    async def _take(self, request: GenerateRequest, headers: dict[str, str] | None) -> None:
+        rid, n_prompt = request.request_id, len(request.prompt_token_ids)
         reserved = reservation_tokens(n_prompt, request.sampling.max_tokens)
         if rid in self._active:
             logger.warning("dropped a duplicate of request %s", rid)
             await self._reservations.release(self.instance_id, reserved)
             return
         span = self._tracer.start_span(
-            "worker.generate", context=extract_context(msg.headers), kind=SpanKind.CONSUMER,
+            "worker.generate", context=extract_context(headers), kind=SpanKind.CONSUMER,
             attributes={"kunserve.request_id": rid, "kunserve.instance_id": self.instance_id,
                         "kunserve.num_prompt_tokens": n_prompt})
         self._active[rid] = _Tracked(span, n_prompt)
@@ -231,9 +331,11 @@ class WorkerServer:
             params = SamplingParams(**msgspec.structs.asdict(request.sampling))
         except ValueError as exc:
             await self._reservations.release(self.instance_id, reserved)
-            await self._finish(RequestUpdate(request_id=rid, instance_id=self.instance_id,
-                                             finished=True, finish_reason="error",
-                                             error=str(exc), num_prompt_tokens=n_prompt))
+            update = RequestUpdate(request_id=rid, instance_id=self.instance_id, finished=True,
+                                   finish_reason="error", error=str(exc),
+                                   num_prompt_tokens=n_prompt)
+            self._on_finished(Finished(update))
+            await self._publish(update)
             return
         self._engine.add(AddCommand(rid, list(request.prompt_token_ids), params, reserved))
         if self._early_aborts.take(rid):
@@ -250,58 +352,20 @@ class WorkerServer:
         else:  # it may have overtaken its request (gateway -> router -> worker is longer)
             self._early_aborts.add(abort.request_id)
 
-    # -- outgoing (one pump task: updates leave in the order the engine made them) ---------
-    async def _pump(self) -> None:
-        while (event := await self._events.queue.get()) is not None:
-            try:
-                await self._handle_event(event)
-            except Exception:
-                logger.exception("failed to publish %s", type(event).__name__)
-
-    async def _handle_event(self, event) -> None:
-        if isinstance(event, list):
-            for out in event:
-                await self._publish_output(out)
-        elif isinstance(event, Accepted):
-            tracked = self._active.get(event.request_id)
-            if tracked is not None:
-                tracked.span.add_event("accepted")
-                await self._publish(RequestUpdate(
-                    request_id=event.request_id, instance_id=self.instance_id, accepted=True,
-                    num_prompt_tokens=tracked.num_prompt_tokens))
-        elif isinstance(event, Aborted):
-            tracked = self._active.get(event.request_id)
-            if tracked is not None:
-                await self._finish(RequestUpdate(
-                    request_id=event.request_id, instance_id=self.instance_id, finished=True,
-                    finish_reason="abort", error=event.error,
-                    num_prompt_tokens=tracked.num_prompt_tokens))
-        elif isinstance(event, LoadReport):
-            self._writer.submit(event)
-
-    async def _publish_output(self, out: RequestOutput) -> None:
-        tracked = self._active.get(out.request_id)
-        if tracked is None:
-            return
-        if out.new_token_ids and not tracked.got_tokens:
-            tracked.got_tokens = True
-            tracked.span.add_event("first_token")
-        update = RequestUpdate(
-            request_id=out.request_id, instance_id=self.instance_id,
-            token_ids=out.new_token_ids, text=out.new_text, finished=out.finished,
-            finish_reason=out.finish_reason, error=out.error,
-            num_prompt_tokens=out.num_prompt_tokens or tracked.num_prompt_tokens,
-            num_output_tokens=out.num_output_tokens)
-        await (self._finish(update) if out.finished else self._publish(update))
-
+    # -- outgoing: the updates of requests that never reached the engine, request ends --------
     async def _publish(self, update: RequestUpdate) -> None:
         if not self.nc.is_closed:
             await self.nc.publish(Subjects.updates(update.request_id), encode(update))
 
-    async def _finish(self, update: RequestUpdate) -> None:
-        await self._publish(update)
-        tracked = self._active.pop(update.request_id)
-        span = tracked.span
+    def _on_finished(self, finished: Finished) -> None:
+        tracked = self._active.pop(finished.update.request_id, None)
+        if tracked is None:
+            return
+        span, update = tracked.span, finished.update
+        if finished.accepted_ns is not None:
+            span.add_event("accepted", timestamp=finished.accepted_ns)
+        if finished.first_token_ns is not None:
+            span.add_event("first_token", timestamp=finished.first_token_ns)
         span.set_attribute("kunserve.num_output_tokens", update.num_output_tokens)
         span.set_attribute("kunserve.finish_reason", update.finish_reason or "")
         if update.error:

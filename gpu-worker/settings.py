@@ -40,6 +40,9 @@ class WorkerSettings(ServiceSettings):
     load_refresh_ms: int = Field(50, ge=1)  # load written at most this often while busy
     liveness_ttl_ms: int = Field(2000, ge=30)  # load key expiry; refreshed every ttl/3 idle
     drain_timeout_s: float = Field(5.0, ge=0)  # on stop: in-flight requests get this long
+    # before a step, the engine thread waits at most this long for the loop to publish what
+    # the last one produced (engine_thread.py: why they take turns); 0: they never wait
+    publish_turn_ms: float = Field(2.0, ge=0)
 
     @field_validator("instance_id")
     @classmethod

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from kunserve.planner.service import serve
 from kunserve.planner.settings import PlannerSettings
-from kunserve.service_main import run_until_signal
+from kunserve.service_main import run_loop, run_until_signal
 
 
 async def _serve_until_signal(settings: PlannerSettings) -> int:
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(_serve_until_signal(settings))
+    return run_loop(_serve_until_signal(settings))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ Settings come from flags (``--nats-url``, ``--redis-url``, ``--reservation-ttl-m
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import sys
 
@@ -16,7 +15,7 @@ from redis.exceptions import RedisError
 
 from kunserve.router.router import Router
 from kunserve.router.settings import RouterSettings
-from kunserve.service_main import run_until_signal
+from kunserve.service_main import run_loop, run_until_signal
 
 
 async def serve(settings: RouterSettings) -> int:
@@ -38,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings))
+    return run_loop(serve(settings))
 
 
 if __name__ == "__main__":

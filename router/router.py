@@ -13,6 +13,13 @@ request's updates subject.
 
 If the GENERATE message has a reply subject, the router answers it with the chosen instance
 id (empty when none), so a publisher can tell "no router" (NATS no-responders) from the rest.
+
+The listing behind the candidates (the registered instances and the topology) is kept for
+``listing_ttl_ms`` rather than read per request: that read was one of the two Redis round
+trips in front of every dispatch. It is read again at once when the planner publishes a
+topology, when it is empty, and when none of its instances is live; liveness itself is always
+checked in the reserve script, so a stale listing can only miss an instance that registered
+in the meantime, for at most ``listing_ttl_ms``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import msgspec
 import nats
@@ -67,6 +75,7 @@ class Router:
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._tasks: set[asyncio.Task] = set()
         self._unreachable: dict[str, float] = {}  # instance id -> monotonic time to retry
+        self._listing: _Listing | None = None
         self._stopping = False
         self.connection_lost = asyncio.Event()  # NATS gave up reconnecting: the process exits
 
@@ -77,6 +86,7 @@ class Router:
         self.reservations = Reservations(self.redis, self.settings.reservation_ttl_ms)
         self.nc = await nats.connect(self.settings.nats_url, name="kunserve-router",
                                      error_cb=log_nats_error, closed_cb=self._on_nats_closed)
+        await self.nc.subscribe(Subjects.TOPOLOGY, cb=self._on_topology)
         self._subscription = await self.nc.subscribe(
             Subjects.GENERATE, queue=Subjects.ROUTER_QUEUE, cb=self._on_message)
         logger.info("router consuming %s (queue %s)", Subjects.GENERATE, Subjects.ROUTER_QUEUE)
@@ -147,7 +157,7 @@ class Router:
         id, or None when no live instance took it."""
         tokens = reservation_tokens(len(request.prompt_token_ids), request.sampling.max_tokens)
         for _ in range(self.settings.max_attempts):
-            instance_id = await self.reservations.reserve(await self.candidates(), tokens)
+            instance_id = await self._reserve(tokens)
             if instance_id is None:
                 return None
             if await self._forward(request, instance_id, headers):
@@ -156,16 +166,37 @@ class Router:
             self._unreachable[instance_id] = time.monotonic() + UNREACHABLE_BACKOFF_S
         return None
 
-    async def candidates(self) -> list[str]:
-        """Instances the router may dispatch to (liveness is checked in the reserve script)."""
+    async def _reserve(self, tokens: int) -> str | None:
+        kept = self._listing is not None
+        instance_id = await self.reservations.reserve(await self.candidates(), tokens)
+        if instance_id is None and kept:  # none of the kept ones is live: any new ones?
+            instance_id = await self.reservations.reserve(await self.candidates(fresh=True),
+                                                          tokens)
+        return instance_id
+
+    async def candidates(self, fresh: bool = False) -> list[str]:
+        """Instances the router may dispatch to (liveness is checked in the reserve script).
+        ``fresh``: read the listing from Redis even if the kept one is young enough."""
+        listing = self._listing
+        if fresh or listing is None or listing.expired(self.settings.listing_ttl_ms / 1000):
+            listing = await self._read_listing()
+        now = time.monotonic()
+        self._unreachable = {i: t for i, t in self._unreachable.items() if t > now}
+        return dispatch_order(listing.instance_ids, listing.topology,
+                              exclude=list(self._unreachable))
+
+    async def _read_listing(self) -> _Listing:
         pipe = self.redis.pipeline(transaction=False)
         pipe.smembers(RedisKeys.INSTANCES)
         pipe.get(RedisKeys.TOPOLOGY)
         members, raw_topology = await pipe.execute()
-        now = time.monotonic()
-        self._unreachable = {i: t for i, t in self._unreachable.items() if t > now}
         ids = [m.decode() if isinstance(m, bytes) else m for m in members]
-        return dispatch_order(ids, _read_topology(raw_topology), exclude=list(self._unreachable))
+        listing = _Listing(ids, _read_topology(raw_topology), time.monotonic())
+        self._listing = listing if ids else None  # no instance yet: look again next time
+        return listing
+
+    async def _on_topology(self, msg: Msg) -> None:
+        self._listing = None  # the planner changed it (the key is written before the message)
 
     async def _forward(self, request: GenerateRequest, instance_id: str,
                        headers: dict[str, str] | None) -> bool:
@@ -199,6 +230,18 @@ class Router:
 async def log_nats_error(error: Exception) -> None:
     """NATS connection trouble, in one line (the client retries on its own)."""
     logger.warning("NATS: %s", error or type(error).__name__)
+
+
+@dataclass(frozen=True)
+class _Listing:
+    """The registered instances and the topology, as read from Redis at ``read_at``."""
+
+    instance_ids: list[str]
+    topology: Topology | None
+    read_at: float  # monotonic
+
+    def expired(self, ttl_s: float) -> bool:
+        return time.monotonic() - self.read_at > ttl_s
 
 
 def _read_topology(raw: bytes | None) -> Topology | None:

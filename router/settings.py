@@ -17,3 +17,6 @@ class RouterSettings(ServiceSettings):
     max_attempts: int = Field(3, ge=1)
     # requests being dispatched at once (each waits a round trip to a worker)
     max_in_flight: int = Field(256, ge=1)
+    # the instance set and topology are re-read from Redis at most this often (and at once
+    # on a topology message): a newly registered instance may wait this long for requests
+    listing_ttl_ms: int = Field(1000, gt=0)

@@ -1,10 +1,12 @@
-"""What every service's ``__main__`` shares: run until SIGTERM/SIGINT, then stop cleanly."""
+"""What every service's ``__main__`` shares: an event loop, and running until SIGTERM/SIGINT,
+then stopping cleanly."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 
 async def run_until_signal(stop: Callable[[], Awaitable[None]],
@@ -23,3 +25,21 @@ async def run_until_signal(stop: Callable[[], Awaitable[None]],
         task.cancel()
     await stop()
     return 0 if stopping.is_set() else 1
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """A uvloop loop where uvloop is installed (it comes with uvicorn[standard]; the gateway
+    runs on it through uvicorn), else a standard one. A request crosses the router's and the
+    worker's loops several times (NATS reads, task wake-ups, writes); libuv's loop and
+    transports cost a fraction of the pure-Python selector loop's per wake-up."""
+    try:
+        import uvloop
+    except ImportError:  # e.g. Windows: the standard loop works, only slower
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_loop(main: Coroutine[Any, Any, int]) -> int:
+    """``asyncio.run(main)`` on ``new_event_loop()``."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        return runner.run(main)

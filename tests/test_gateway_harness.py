@@ -89,11 +89,13 @@ class Received:
 class FakeMesh:
     """Router + one worker. ``mode``: ``stream`` (script tokens, one update each, then
     finish), ``hold`` (accept, then wait for an abort), ``no_worker`` (the router's "no live
-    worker instance"), ``error`` (the worker fails after one token)."""
+    worker instance"), ``error`` (the worker fails after one token). ``answer_delay_s``: the
+    router answers that much after the worker's updates start (a router slow to answer)."""
 
     instance_id: str = "fake-0"
     mode: str = "stream"
     token_delay_s: float = 0.0
+    answer_delay_s: float = 0.0
     received: list[Received] = field(default_factory=list)
     aborts: list[AbortRequest] = field(default_factory=list)
     aborted: asyncio.Event = field(default_factory=asyncio.Event)
@@ -133,10 +135,14 @@ class FakeMesh:
                                            finish_reason="error",
                                            error="no live worker instance"))
             return
-        await msg.respond(self.instance_id.encode())
+        if not self.answer_delay_s:
+            await msg.respond(self.instance_id.encode())
         await self._send(RequestUpdate(request_id=rid, instance_id=self.instance_id,
                                        accepted=True))
         asyncio.get_running_loop().create_task(self._run(request))
+        if self.answer_delay_s:
+            await asyncio.sleep(self.answer_delay_s)
+            await msg.respond(self.instance_id.encode())
 
     async def _run(self, request: GenerateRequest) -> None:
         rid, n_prompt = request.request_id, len(request.prompt_token_ids)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from test_gateway_harness import (
@@ -144,6 +145,18 @@ async def test_defaults_completion_16_tokens_chat_up_to_context(client, mesh):
     sent = mesh.received[-1].request
     assert sent.sampling.max_tokens == 256 - len(sent.prompt_token_ids)  # max_model_len 256
     assert response.json()["usage"]["completion_tokens"] == sent.sampling.max_tokens
+
+
+async def test_a_late_router_answer_does_not_hold_the_stream(client, mesh):
+    mesh.answer_delay_s = 3.0  # the worker's accepted and tokens come first
+    started = time.monotonic()
+    response = await client.post("/v1/completions", json={
+        "model": MODEL_NAME, "prompt": PROMPT, "max_tokens": 4, "stream": True})
+    assert response.status_code == 200 and time.monotonic() - started < 2.0
+    ids, text = mesh.expected_tokens(4)
+    chunks = [json.loads(p) for p in sse_payloads(response.text)[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
 async def test_ledger_records_the_request(tmp_path, mesh):
