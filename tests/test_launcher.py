@@ -200,8 +200,10 @@ def test_a_signal_stops_gateway_first_then_router_workers_planner(fake_up, stop_
     ready = up.wait_for_line("kunserve ready:", timeout=60)
     assert ready.endswith("(2 instances)")
     for step in ("servers up", "model ready", "worker-0 live", "worker-1 live",
-                 "topology epoch 1: 2 instances", "gateway up", "admin token"):
+                 "gateway up", "admin token"):
         assert any(step in line for line in up.lines), (step, up.lines)
+    # the planner may publish an epoch with one worker before the one with both
+    assert any(re.search(r"topology epoch \d+: 2 instances", line) for line in up.lines), up.lines
     processes = up.descendants()
     assert sum(p.name() == "sleep" for p in processes) == 2
 
