@@ -6,13 +6,11 @@ Settings come from flags (``--model``, ``--instance-id``, ``--memory-per-instanc
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from nats.errors import Error as NatsError
-from pydantic import ValidationError
 
-from kunserve.service_main import run_loop, run_until_signal
+from kunserve.service_main import run_loop, run_until_signal, settings_from_cli
 from kunserve.worker.settings import WorkerSettings
 
 
@@ -29,14 +27,9 @@ async def serve(settings: WorkerSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = WorkerSettings(_cli_parse_args=sys.argv[1:] if argv is None else argv,
-                                  _cli_kebab_case=True, _cli_prog_name="kunserve.worker")
-    except ValidationError as exc:
-        print(f"kunserve.worker: bad settings: {exc}", file=sys.stderr)
+    settings = settings_from_cli(WorkerSettings, argv, "kunserve.worker")
+    if settings is None:
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     # the engine thread sets its intra-op threads; inter-op threads must be set before any

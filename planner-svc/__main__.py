@@ -7,14 +7,11 @@ Settings come from flags (``--redis-url``, ``--model``, ``--topology-poll-interv
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
-
-from pydantic import ValidationError
 
 from kunserve.planner.service import serve
 from kunserve.planner.settings import PlannerSettings
-from kunserve.service_main import run_loop, run_until_signal
+from kunserve.service_main import run_loop, run_until_signal, settings_from_cli
 
 
 async def _serve_until_signal(settings: PlannerSettings) -> int:
@@ -29,14 +26,9 @@ async def _serve_until_signal(settings: PlannerSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = PlannerSettings(_cli_parse_args=sys.argv[1:] if argv is None else argv,
-                                   _cli_kebab_case=True, _cli_prog_name="kunserve.planner")
-    except ValidationError as exc:
-        print(f"kunserve.planner: bad settings: {exc}", file=sys.stderr)
+    settings = settings_from_cli(PlannerSettings, argv, "kunserve.planner")
+    if settings is None:
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_loop(_serve_until_signal(settings))
 
 

@@ -6,16 +6,14 @@ Settings come from flags (``--nats-url``, ``--redis-url``, ``--reservation-ttl-m
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from nats.errors import Error as NatsError
-from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from kunserve.router.router import Router
 from kunserve.router.settings import RouterSettings
-from kunserve.service_main import run_loop, run_until_signal
+from kunserve.service_main import run_loop, run_until_signal, settings_from_cli
 
 
 async def serve(settings: RouterSettings) -> int:
@@ -29,14 +27,9 @@ async def serve(settings: RouterSettings) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        settings = RouterSettings(_cli_parse_args=sys.argv[1:] if argv is None else argv,
-                                  _cli_kebab_case=True, _cli_prog_name="kunserve.router")
-    except ValidationError as exc:
-        print(f"kunserve.router: bad settings: {exc}", file=sys.stderr)
+    settings = settings_from_cli(RouterSettings, argv, "kunserve.router")
+    if settings is None:
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_loop(serve(settings))
 
 

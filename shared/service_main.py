@@ -4,9 +4,13 @@ then stopping cleanly."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
+
+S = TypeVar("S")
 
 
 async def run_until_signal(stop: Callable[[], Awaitable[None]],
@@ -43,3 +47,19 @@ def run_loop(main: Coroutine[Any, Any, int]) -> int:
     """``asyncio.run(main)`` on ``new_event_loop()``."""
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         return runner.run(main)
+
+
+def settings_from_cli(cls: type[S], argv: list[str] | None, prog: str) -> S | None:
+    """The service's settings from flags (``--kebab-case``) and ``KUNSERVE_*`` variables, with
+    logging configured; None (after saying why on stderr) when they do not validate."""
+    from pydantic import ValidationError
+
+    try:
+        settings = cls(_cli_parse_args=sys.argv[1:] if argv is None else argv,
+                       _cli_kebab_case=True, _cli_prog_name=prog)
+    except ValidationError as exc:
+        print(f"{prog}: bad settings: {exc}", file=sys.stderr)
+        return None
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return settings
