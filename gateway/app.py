@@ -2,7 +2,7 @@
 
 At start: the served model's limits and tokenizer from the checkpoint, the tracer, the
 admission budget and metrics, the ledger, NATS and Redis, all kept on ``app.state`` (see
-``dependencies.py``). At stop they are closed in reverse order. Tests run several apps in one
+``dependencies.py``), and the failover watchdog's task. At stop they are closed in reverse order. Tests run several apps in one
 process: nothing here is global (per-app registry, per-app tracer provider).
 """
 
@@ -18,20 +18,22 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from opentelemetry.sdk.trace.export import SpanExporter
 
-from kunserve.gateway import completions, monitoring
+from kunserve.gateway import admin, completions, monitoring
 from kunserve.gateway.admission import AdmissionController
 from kunserve.gateway.body_limit import BodySizeLimit
 from kunserve.gateway.cluster_view import ClusterView
 from kunserve.gateway.dispatcher import Dispatcher
 from kunserve.gateway.errors import install_error_handlers
+from kunserve.gateway.failover import InstanceWatchdog
 from kunserve.gateway.mesh_client import MeshClient
 from kunserve.gateway.metrics import GatewayMetrics
+from kunserve.gateway.planner_client import PlannerClient
 from kunserve.gateway.request_tracker import RequestLedger
 from kunserve.gateway.served_model import ServedModel
 from kunserve.gateway.settings import GatewaySettings
 from kunserve.gateway.tokenization import PromptTokenizer
 from kunserve.ledger import Ledger
-from kunserve.telemetry import setup_tracing
+from kunserve.telemetry import request_tracer, setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ def create_app(settings: GatewaySettings, span_exporter: SpanExporter | None = N
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(completions.router)
     app.include_router(monitoring.router)
+    app.include_router(admin.router)
     return app
 
 
@@ -73,7 +76,8 @@ async def _start(app: FastAPI, stack: AsyncExitStack, settings: GatewaySettings,
     tracing = setup_tracing("kunserve-gateway", settings.otel_exporter, settings.otel_endpoint,
                             span_exporter)
     stack.callback(tracing.shutdown)
-    state.tracer = tracing.get_tracer("kunserve.gateway")
+    state.tracer = request_tracer(tracing, "kunserve.gateway", settings.otel_exporter,
+                                  span_exporter)
     state.admission = AdmissionController(settings.max_queued_requests,
                                           settings.max_queued_tokens)
     state.metrics = GatewayMetrics(model.name, state.admission)
@@ -85,15 +89,25 @@ async def _start(app: FastAPI, stack: AsyncExitStack, settings: GatewaySettings,
     state.redis = aioredis.from_url(settings.redis_url)
     stack.push_async_callback(state.redis.aclose)
     state.cluster = ClusterView(state.redis)
+    state.planner = PlannerClient(state.nats, state.tracer, settings.reconfigure_timeout_s)
     state.mesh = MeshClient(state.nats)
+    await state.mesh.start()
     stack.push_async_callback(state.mesh.close)
     state.dispatcher = Dispatcher(
         model.name, state.admission, state.mesh, state.ledger, state.metrics, state.tracer,
         retry_after_s=settings.retry_after_s, dispatch_timeout_s=settings.dispatch_timeout_s,
-        request_timeout_s=settings.request_timeout_s)
+        request_timeout_s=settings.request_timeout_s, max_failovers=settings.max_failovers)
+    watchdog = InstanceWatchdog(state.cluster, state.dispatcher.in_flight,
+                                settings.failover_check_s)
+    stack.push_async_callback(_cancel, asyncio.create_task(watchdog.run()))
     stack.callback(state.dispatcher.close_all)  # first to run at stop
     logger.info("gateway serving %s (max_model_len %d) via %s", model.name,
                 model.max_model_len, settings.nats_url)
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _connect_nats(url: str) -> nats.NATS:

@@ -1,20 +1,24 @@
-"""What the gateway reads of the cluster from Redis: live instances, their loads, the epoch.
+"""What the gateway reads of the cluster from Redis: live instances, their loads, the topology.
 
-Only ``/health`` and ``/metrics`` call this; the request path never touches Redis.
+``/health``, ``/metrics``, ``GET /v1/cluster`` and the failover watchdog (one EXISTS per
+instance holding requests, every ``failover_check_s``) call this; the per-token path never
+touches Redis.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 import msgspec
 import redis.asyncio as aioredis
 
-from kunserve.protocol import InstanceLoad, RedisKeys, Topology, decode
+from kunserve.protocol import InstanceLoad, PlannerStats, RedisKeys, Topology, decode
 
 logger = logging.getLogger(__name__)
 
 LOAD_PREFIX = RedisKeys.load("")
+REDIS_TIMEOUT_S = 2.0  # what callers give a read here before they answer without it
 
 
 class ClusterView:
@@ -41,15 +45,37 @@ class ClusterView:
                 loads.append(_to_load(instance_id, fields))
         return loads
 
-    async def topology_epoch(self) -> int:
+    async def topology(self) -> Topology:
+        """The planner's topology; an empty one (epoch 0) before the planner wrote any."""
         raw = await self._redis.get(RedisKeys.TOPOLOGY)
         if not raw:
-            return 0
+            return Topology()
         try:
-            return decode(raw, Topology).epoch
+            return decode(raw, Topology)
         except msgspec.DecodeError:
             logger.warning("ignoring an unreadable %s", RedisKeys.TOPOLOGY)
-            return 0
+            return Topology()
+
+    async def topology_epoch(self) -> int:
+        return (await self.topology()).epoch
+
+    async def planner_stats(self) -> PlannerStats:
+        """The planner's counters (all zero before its first reconfiguration)."""
+        fields = await self._redis.hgetall(RedisKeys.PLANNER_STATS)
+        try:
+            return msgspec.convert({_text(k): _text(v) for k, v in fields.items()},
+                                   PlannerStats, strict=False)
+        except msgspec.ValidationError:
+            logger.warning("ignoring unreadable %s", RedisKeys.PLANNER_STATS)
+            return PlannerStats()
+
+    async def dead(self, instance_ids: Iterable[str]) -> list[str]:
+        """Those of ``instance_ids`` whose load key has expired (one round trip)."""
+        ids = list(instance_ids)
+        pipe = self._redis.pipeline(transaction=False)
+        for instance_id in ids:
+            pipe.exists(RedisKeys.load(instance_id))
+        return [i for i, live in zip(ids, await pipe.execute(), strict=True) if not live]
 
 
 def _to_load(instance_id: str, fields: dict) -> InstanceLoad:

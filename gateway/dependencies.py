@@ -14,6 +14,7 @@ from kunserve.gateway.cluster_view import ClusterView
 from kunserve.gateway.dispatcher import Dispatcher
 from kunserve.gateway.errors import unauthorized
 from kunserve.gateway.metrics import GatewayMetrics
+from kunserve.gateway.planner_client import PlannerClient
 from kunserve.gateway.served_model import ServedModel
 from kunserve.gateway.settings import GatewaySettings
 from kunserve.gateway.tokenization import PromptTokenizer
@@ -34,6 +35,7 @@ DispatcherDep = Annotated[Dispatcher, Depends(_state("dispatcher"))]
 MetricsDep = Annotated[GatewayMetrics, Depends(_state("metrics"))]
 ClusterDep = Annotated[ClusterView, Depends(_state("cluster"))]
 NatsDep = Annotated[nats.NATS, Depends(_state("nats"))]
+PlannerDep = Annotated[PlannerClient, Depends(_state("planner"))]
 
 
 async def require_admin(settings: SettingsDep,

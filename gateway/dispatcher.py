@@ -29,12 +29,13 @@ SPAN_NAME = "gateway.completions"
 class Dispatcher:
     def __init__(self, model_name: str, admission: AdmissionController, mesh: MeshClient,
                  ledger: RequestLedger, metrics: GatewayMetrics, tracer: Tracer, *,
-                 retry_after_s: int, dispatch_timeout_s: float, request_timeout_s: float
-                 ) -> None:
+                 retry_after_s: int, dispatch_timeout_s: float, request_timeout_s: float,
+                 max_failovers: int) -> None:
         self._model_name = model_name
         self._retry_after_s = retry_after_s
         self._dispatch_timeout_s = dispatch_timeout_s
         self._request_timeout_s = request_timeout_s
+        self._max_failovers = max_failovers
         self._admission = admission
         self._mesh = mesh
         self._ledger = ledger
@@ -56,10 +57,11 @@ class Dispatcher:
             ticket = self._admission.try_admit(len(prompt_token_ids))
         except AdmissionRejected as exc:
             raise self._reject(tracker, exc) from None
-        request = GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                  sampling=sampling, arrival_time=arrival.wall)
+        request = GenerateRequest(request_id=self._mesh.wire_id(request_id),
+                                  prompt_token_ids=prompt_token_ids, sampling=sampling,
+                                  arrival_time=arrival.wall)
         generation = Generation(request, self._mesh, tracker, ticket, self._dispatch_timeout_s,
-                                self._request_timeout_s)
+                                self._request_timeout_s, max_failovers=self._max_failovers)
         try:
             await generation.start(inject_headers(context=trace.set_span_in_context(tracker.span)))
         except BaseException:
@@ -67,6 +69,10 @@ class Dispatcher:
             raise
         self._generations.add(generation)
         return generation
+
+    def in_flight(self) -> list[Generation]:
+        """The requests started and not yet garbage (the failover watchdog's to check)."""
+        return list(self._generations)
 
     def close_all(self, reason: str = "gateway shutting down") -> None:
         """Abort every unfinished request (at shutdown, before the ledger and NATS close)."""

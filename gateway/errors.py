@@ -13,11 +13,13 @@ unexpected into that shape, so the process answers every bad input and keeps ser
 401    authentication_error        admin endpoints without the bearer token
 404    invalid_request_error       unknown model (code ``model_not_found``), unknown route
 405    invalid_request_error       wrong method on a known route
+409    conflict_error              admin drop/restore while another reconfiguration of those
+                                   instances is under way
 413    invalid_request_error       request body over ``max_body_bytes`` (only that: a long
                                    prompt in a small body is a 400, as with OpenAI)
 429    rate_limit_error            admission budget full; ``Retry-After`` header
 500    server_error                the worker reported an error; unexpected gateway error
-503    service_unavailable_error   no router, no live worker, NATS down, timeouts
+503    service_unavailable_error   no router, no live worker, no planner, NATS down, timeouts
 =====  ==========================  ====================================================
 """
 
@@ -60,6 +62,18 @@ def context_length_exceeded(message: str, param: str = "messages") -> OpenAIErro
     return bad_request(message, param, "context_length_exceeded")
 
 
+def invalid_body(errors: list[dict]) -> OpenAIError:
+    """pydantic's validation errors as one 400: FastAPI's request bodies and the bodies the
+    admin handlers validate themselves (after the token check)."""
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return bad_request(f"malformed JSON body: {detail}".rstrip(": "))
+    messages = [_describe(error) for error in errors]
+    param = _param(first.get("loc", ())) or None
+    return bad_request("; ".join(messages) or "invalid request", param)
+
+
 def unauthorized(message: str = "a valid admin bearer token is required") -> OpenAIError:
     return OpenAIError(401, message, "authentication_error", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
@@ -72,6 +86,10 @@ def not_found(message: str, param: str | None = None, code: str = "not_found") -
 def payload_too_large(limit: int) -> OpenAIError:
     return OpenAIError(413, f"request body larger than {limit} bytes",
                        "invalid_request_error", code="request_too_large")
+
+
+def conflict(message: str, code: str | None = None) -> OpenAIError:
+    return OpenAIError(409, message, "conflict_error", code=code)
 
 
 def too_many_requests(message: str, retry_after_s: int) -> OpenAIError:
@@ -99,14 +117,7 @@ async def _openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
 
 
 async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
-    first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        return bad_request(f"malformed JSON body: {detail}".rstrip(": ")).response()
-    messages = [_describe(error) for error in errors]
-    param = _param(first.get("loc", ())) or None
-    return bad_request("; ".join(messages) or "invalid request", param).response()
+    return invalid_body(list(exc.errors())).response()
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -7,10 +7,24 @@ as the answer, and often sooner (the router answers after the worker's receipt, 
 process may be waiting for a core while the worker's update is already in). ``updates`` yields the
 updates carrying tokens or the finish, and raises ``OpenAIError`` when the request fails on the
 way. ``close`` ends it on every path: an unfinished request is aborted on its worker, its
-admission budget is given back, its subscription dropped. ``close`` is synchronous and
+admission budget is given back, its updates no longer routed. ``close`` is synchronous and
 idempotent, so it is safe in ``finally`` blocks that run on cancellation.
 
-Per update the work is a queue get, a msgspec decode and the tracker's O(1) bookkeeping.
+Failover: when the instance holding the request dies (``failover.InstanceWatchdog`` calls
+``instance_lost``), the request is submitted again, as a new *attempt*: prompt = the original
+prompt + the tokens already streamed, ``max_tokens`` less those, same seed; its updates then
+continue the same ``updates`` iterator. For greedy decoding the client gets token for token
+what it would have got without the failure. Each attempt has its own request id
+(``<id>-r<n>``) and updates subject, so a worker that was only presumed dead (its load key
+expired during a long stall) can never interleave its tokens with the new attempt's: updates of
+other attempts are dropped, and the old attempt is aborted. What a resubmission cannot carry
+(``GenerateRequest`` has no field for it): the worker treats the streamed tokens as prompt, so
+presence/frequency penalties restart counting, a seeded sampler restarts its random stream,
+a stop string straddling the failover point is not matched, and text the old worker held back
+(a stop-string prefix, half a multi-byte character) is lost with it.
+
+Per update the work is a queue get, a msgspec decode, a request id compare, the tracker's O(1)
+bookkeeping and appending the update's token ids (the failover's prompt).
 """
 
 from __future__ import annotations
@@ -18,11 +32,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
+from functools import partial
 
 import msgspec
 from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from kunserve.gateway.admission import AdmissionTicket
 from kunserve.gateway.errors import OpenAIError, server_error, service_unavailable
@@ -34,48 +48,64 @@ from kunserve.protocol import GenerateRequest, RequestUpdate, decode
 logger = logging.getLogger(__name__)
 
 NO_WORKER = "no live worker instance"
+INSTANCE_LOST = object()  # put in the inbox by ``instance_lost``, behind what already arrived
 
 
 class Generation:
     def __init__(self, request: GenerateRequest, mesh: MeshClient, tracker: RequestTracker,
                  ticket: AdmissionTicket, dispatch_timeout_s: float,
-                 request_timeout_s: float) -> None:
+                 request_timeout_s: float, *, max_failovers: int) -> None:
         self.request = request
         self.num_prompt_tokens = len(request.prompt_token_ids)
         self.num_output_tokens = 0
         self.finish_reason: str | None = None
+        self.instance_id = ""  # the instance its updates come from (latest update's)
         self._mesh = mesh
         self._tracker = tracker
         self._ticket = ticket
         self._dispatch_timeout_s = dispatch_timeout_s
         self._request_timeout_s = request_timeout_s
-        self._inbox: asyncio.Queue[bytes] = asyncio.Queue()
-        self._got_update = asyncio.Event()
-        self._subscription = None
+        self._max_failovers = max_failovers
+        self._attempt = request  # what is on the mesh now (its id: the updates subject)
+        self._output_ids: list[int] = []  # streamed so far: the prompt tail of a failover
+        self._lost = False  # the holder died; the failover has not been accepted yet
+        self._failovers = 0
+        self._headers: dict[str, str] = {}  # the trace context, for every attempt
+        self._inbox: asyncio.Queue[bytes | object] = asyncio.Queue()
+        self._receiving = False  # the mesh client routes the attempt's updates to the inbox
         self._first: RequestUpdate | None = None
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
 
+    @property
+    def holder(self) -> str | None:
+        """The instance whose death would lose this request, while it is streaming: None
+        before it was accepted, once it finished, and while it is being failed over."""
+        if self._lost or self._tracker.finished or not self._receiving:
+            return None
+        return self.instance_id or None
+
     async def start(self, headers: dict[str, str]) -> None:
         if not self._mesh.connected:
             raise self._fail(service_unavailable("NATS is not connected"), "unavailable")
-        # subscribe before publishing: the first update may come back at once
-        self._subscription = await self._mesh.subscribe_updates(self.request_id, self._deliver)
-        instance_id = await self._submit(headers)
-        update = await self._next(self._dispatch_timeout_s, "no worker accepted the request")
-        if update.finished and update.finish_reason == "error":
-            raise self._fail_from(update)
-        self._tracker.on_accepted(update.instance_id or instance_id or "")
-        if update.token_ids or update.text or update.finished:
-            self._first = update
+        self._headers = headers
+        self._first = await self._dispatch()
+        self._tracker.on_accepted(self.instance_id)
+
+    def instance_lost(self) -> None:
+        """The holder died: fail over once the updates that came before are consumed."""
+        if self.holder is not None:
+            self._lost = True
+            self._inbox.put_nowait(INSTANCE_LOST)
 
     async def updates(self) -> AsyncIterator[RequestUpdate]:
         update, self._first = self._first, None
         while True:
             if update is None:
                 update = await self._next(self._request_timeout_s, "the worker went silent")
+            self.instance_id = update.instance_id or self.instance_id  # a group's leader
             if update.token_ids or update.text or update.finished:
                 self._observe(update)
                 yield update
@@ -85,47 +115,86 @@ class Generation:
 
     def close(self, reason: str = "client disconnected") -> None:
         if not self._tracker.finished:
-            self._mesh.abort(self.request_id, reason)
+            self._mesh.abort(self._attempt.request_id, reason)
             self._tracker.finish(RequestStatus.ABORTED, "abort", reason)
         self._release()
 
     # -- internals ---------------------------------------------------------------------------
-    def _deliver(self, data: bytes) -> None:
-        self._inbox.put_nowait(data)
-        self._got_update.set()
+    async def _dispatch(self) -> RequestUpdate | None:
+        """Put ``self._attempt`` on the mesh and wait until a worker took it; its first update
+        when that already carries output."""
+        # receive before publishing: the first update may come back at once
+        first_update = asyncio.get_running_loop().create_future()
+        self._mesh.receive_updates(self._attempt.request_id,
+                                   partial(self._deliver, first_update))
+        self._receiving = True
+        instance_id = await self._submit(first_update)
+        update = await self._next(self._dispatch_timeout_s, "no worker accepted the request")
+        if update.finished and update.finish_reason == "error":
+            raise self._fail_from(update)
+        self.instance_id = update.instance_id or instance_id or ""
+        return update if update.token_ids or update.text or update.finished else None
 
-    async def _submit(self, headers: dict[str, str]) -> str | None:
-        """Hand the request to a router: the instance it chose, or None when an update of
-        the request arrived before the router's answer (no longer waited for)."""
-        answer = asyncio.ensure_future(
-            self._mesh.submit(self.request, headers, self._dispatch_timeout_s))
-        update = asyncio.ensure_future(self._got_update.wait())
+    async def _fail_over(self) -> RequestUpdate | None:
+        """Submit the rest of the request again (see the module docstring); the new
+        attempt's first update when it carries output."""
+        lost = self.instance_id
+        if self._failovers == self._max_failovers:
+            raise self._fail(service_unavailable(
+                f"instance {lost} died while serving the request (gave up after "
+                f"{self._max_failovers} failovers)"), "unavailable", abort=True)
+        self._mesh.abort(self._attempt.request_id, f"instance {lost} presumed dead")
+        self._stop_receiving()
+        sampling = msgspec.structs.replace(
+            self.request.sampling,
+            max_tokens=self.request.sampling.max_tokens - len(self._output_ids))
+        self._failovers += 1
+        self._attempt = msgspec.structs.replace(
+            self.request, request_id=f"{self.request_id}-r{self._failovers}", sampling=sampling,
+            prompt_token_ids=self.request.prompt_token_ids + self._output_ids)
+        logger.warning("request %s: instance %s is gone after %d tokens; resubmitted as %s",
+                       self.request_id, lost, len(self._output_ids), self._attempt.request_id)
+        first = await self._dispatch()
+        self._tracker.on_failover(lost, self.instance_id, len(self._output_ids))
+        self._lost = False
+        return first
+
+    def _deliver(self, first_update: asyncio.Future[None], data: bytes) -> None:
+        self._inbox.put_nowait(data)
+        if not first_update.done():
+            first_update.set_result(None)
+
+    async def _submit(self, first_update: asyncio.Future[None]) -> str | None:
+        """Hand the attempt to a router: the instance it chose, or None when an update of
+        the attempt arrived before the router's answer (no longer waited for)."""
         try:
-            await asyncio.wait((answer, update), return_when=asyncio.FIRST_COMPLETED)
+            answer = await self._mesh.submit(self._attempt, self._headers)
+        except NatsError as exc:
+            raise self._fail(service_unavailable(f"NATS: {exc}"), "unavailable") from None
+        try:
+            await asyncio.wait((answer, first_update), timeout=self._dispatch_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
         finally:  # also when we are cancelled ourselves
-            update.cancel()
             answered = answer.done()
-            if not answered:
-                answer.cancel()  # the answer, when it comes, is dropped by the NATS client
+            answer.cancel()  # no-op once answered; else a late answer is dropped
         if not answered:
-            return None
+            if first_update.done():
+                return None
+            raise self._fail(service_unavailable(
+                f"no router answered within {self._dispatch_timeout_s:g}s"), "timeout",
+                abort=True)
         try:
             instance_id = answer.result()
         except NoRespondersError:
             raise self._fail(service_unavailable(
                 "no router is running (nobody consumes kunserve.generate)"), "unavailable"
             ) from None
-        except NatsTimeoutError:
-            raise self._fail(service_unavailable(
-                f"no router answered within {self._dispatch_timeout_s:g}s"), "timeout",
-                abort=True) from None
-        except NatsError as exc:
-            raise self._fail(service_unavailable(f"NATS: {exc}"), "unavailable") from None
         if not instance_id:
             raise self._fail(service_unavailable(NO_WORKER), "unavailable")
         return instance_id
 
     async def _next(self, timeout_s: float, silence: str) -> RequestUpdate:
+        """The current attempt's next update; fails over first when the holder was lost."""
         while True:
             if self._inbox.empty():
                 try:
@@ -136,21 +205,34 @@ class Generation:
                         f"{silence} within {timeout_s:g}s"), "timeout", abort=True) from None
             else:
                 data = self._inbox.get_nowait()
+            if data is INSTANCE_LOST:
+                first = await self._fail_over()
+                if first is not None:
+                    return first
+                continue
             try:
-                return decode(data, RequestUpdate)
+                update = decode(data, RequestUpdate)
             except msgspec.DecodeError as exc:
                 logger.warning("dropped a malformed update of %s: %s", self.request_id, exc)
+                continue
+            if update.request_id == self._attempt.request_id:  # else: an abandoned attempt's
+                return update
 
     def _observe(self, update: RequestUpdate) -> None:
         if update.token_ids:
+            self._output_ids += update.token_ids
             self._tracker.on_tokens(len(update.token_ids))
         if not update.finished:
             return
         if update.finish_reason == "error":
             raise self._fail_from(update)
         self.finish_reason = update.finish_reason or "stop"
-        self.num_output_tokens = update.num_output_tokens or self._tracker.output_tokens
-        self.num_prompt_tokens = update.num_prompt_tokens or self.num_prompt_tokens
+        # the worker counts the tokens streamed before a failover as prompt
+        resumed = len(self._attempt.prompt_token_ids) - len(self.request.prompt_token_ids)
+        self.num_output_tokens = (update.num_output_tokens + resumed
+                                  if update.num_output_tokens else self._tracker.output_tokens)
+        if update.num_prompt_tokens:
+            self.num_prompt_tokens = update.num_prompt_tokens - resumed
         status = RequestStatus.ABORTED if self.finish_reason == "abort" else RequestStatus.FINISHED
         self._tracker.finish(status, self.finish_reason)
         self._release()
@@ -164,13 +246,16 @@ class Generation:
     def _fail(self, error: OpenAIError, kind: str, abort: bool = False) -> OpenAIError:
         """Record the failure, end the request, and return the error to raise."""
         if abort:
-            self._mesh.abort(self.request_id, error.message)
+            self._mesh.abort(self._attempt.request_id, error.message)
         self._tracker.finish(RequestStatus.FAILED, "error", error.message, kind)
         self._release()
         return error
 
     def _release(self) -> None:
         self._ticket.release()
-        if self._subscription is not None:
-            self._mesh.unsubscribe(self._subscription)
-            self._subscription = None
+        self._stop_receiving()
+
+    def _stop_receiving(self) -> None:
+        if self._receiving:
+            self._mesh.stop_updates(self._attempt.request_id)
+            self._receiving = False

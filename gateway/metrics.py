@@ -3,7 +3,8 @@
 Request-path metrics are observed as updates arrive (a histogram observation and a counter
 increment per engine step, nothing else). Engine-side figures (KV usage, running, waiting,
 preemptions per instance) and the topology epoch are read from Redis when ``/metrics`` is
-scraped, never on the request path. Every ``vllm:*`` series carries ``model_name``, as vLLM's
+scraped, never on the request path, and so are the planner's counters (drops, restores, plan
+time: ``RedisKeys.PLANNER_STATS``). Every ``vllm:*`` series carries ``model_name``, as vLLM's
 do, so vLLM dashboards work unchanged.
 """
 
@@ -12,11 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 from kunserve.gateway.admission import AdmissionController
-from kunserve.protocol import InstanceLoad
+from kunserve.protocol import InstanceLoad, PlannerStats
 
 # vLLM's buckets, with finer steps below 10 ms (CPU and tiny models stream that fast)
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5,
@@ -55,6 +61,9 @@ class GatewayMetrics:
         self._errors = Counter(
             "kunserve:request_errors", "Requests that failed after admission, by cause "
             "(unavailable, timeout, worker).", ["cause"], registry=r)
+        self.failovers = Counter(
+            "kunserve:failovers", "Requests resubmitted because the instance serving them "
+            "died (one per failover).", registry=r)
         self._rejections = Counter(
             "kunserve:admission_rejections", "Requests refused with 429, by exhausted budget "
             "(requests, tokens).", ["budget"], registry=r)
@@ -77,15 +86,19 @@ class GatewayMetrics:
 
 
 class ClusterCollector(Collector):
-    """Per-instance engine figures and the topology epoch, as last read from Redis."""
+    """Per-instance engine figures, the topology epoch and the planner's counters, as last
+    read from Redis."""
 
     def __init__(self, model_name: str) -> None:
         self._model_name = model_name
         self._loads: list[InstanceLoad] = []
         self._epoch = 0
+        self._planner = PlannerStats()
 
-    def update(self, loads: list[InstanceLoad], epoch: int) -> None:
+    def update(self, loads: list[InstanceLoad], epoch: int,
+               planner: PlannerStats | None = None) -> None:
         self._loads, self._epoch = loads, epoch
+        self._planner = planner or self._planner
 
     def describe(self) -> Iterator[Metric]:
         return iter(())  # no fixed samples: checked for name clashes on first collect
@@ -100,13 +113,35 @@ class ClusterCollector(Collector):
                                     "Requests waiting in the instance's queue.", labels=labels)
         preempted = CounterMetricFamily("vllm:num_preemptions",
                                         "Preemptions on the instance.", labels=labels)
+        swaps = CounterMetricFamily("kunserve:swap_outs",
+                                    "Preemptions that swapped KV to host memory (infercept).",
+                                    labels=labels)
+        swapped = CounterMetricFamily("kunserve:swap_bytes",
+                                      "KV bytes copied to and from host memory.", labels=labels)
         for load in self._loads:
             key = [self._model_name, load.instance_id]
             kv.add_metric(key, load.kv_usage)
             running.add_metric(key, load.running)
             waiting.add_metric(key, load.waiting)
             preempted.add_metric(key, load.num_preemptions)
+            swaps.add_metric(key, load.num_swaps)
+            swapped.add_metric(key, load.swap_bytes)
         epoch = GaugeMetricFamily("kunserve:topology_epoch",
                                   "Epoch of the topology the planner published (0: none).",
                                   value=self._epoch)
-        yield from (kv, running, waiting, preempted, epoch)
+        yield from (kv, running, waiting, preempted, swaps, swapped, epoch,
+                    *self._planner_metrics())
+
+    def _planner_metrics(self) -> Iterator[Metric]:
+        p = self._planner
+        for name, what, ok, failed in (("kunserve:drops", "Drops (groups formed), automatic and "
+                                        "admin, by outcome.", p.drops_ok, p.drops_failed),
+                                       ("kunserve:restores", "Restores, automatic and admin, by "
+                                        "outcome.", p.restores_ok, p.restores_failed)):
+            counter = CounterMetricFamily(name, what, labels=["outcome"])
+            counter.add_metric(["ok"], ok)
+            counter.add_metric(["failed"], failed)
+            yield counter
+        yield SummaryMetricFamily("kunserve:plan_seconds", "Time the planner took to compute "
+                                  "each automatic drop plan.", count_value=p.plans,
+                                  sum_value=p.plan_seconds_sum)

@@ -15,11 +15,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from kunserve.gateway.cluster_view import REDIS_TIMEOUT_S
 from kunserve.gateway.dependencies import ClusterDep, MetricsDep, NatsDep
 
 logger = logging.getLogger(__name__)
-
-REDIS_TIMEOUT_S = 2.0
 
 router = APIRouter()
 
@@ -47,7 +46,8 @@ async def health(nc: NatsDep, cluster: ClusterDep) -> JSONResponse:
 async def metrics(registry: MetricsDep, cluster: ClusterDep) -> Response:
     try:
         async with asyncio.timeout(REDIS_TIMEOUT_S):
-            registry.cluster.update(await cluster.loads(), await cluster.topology_epoch())
+            registry.cluster.update(await cluster.loads(), await cluster.topology_epoch(),
+                                    await cluster.planner_stats())
     except (RedisError, OSError, TimeoutError) as exc:  # serve the rest; keep the last read
         logger.warning("metrics: cannot read loads from Redis: %r", exc)
     return Response(generate_latest(registry.registry), media_type=CONTENT_TYPE_LATEST)

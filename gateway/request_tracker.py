@@ -69,6 +69,16 @@ class RequestTracker:
         self.span.set_attribute("kunserve.instance_id", instance_id)
         self.span.add_event("accepted")
 
+    def on_failover(self, lost: str, instance_id: str, tokens_before: int) -> None:
+        """The request went on on ``instance_id`` after ``lost`` died (``tokens_before``
+        streamed by then): a span event and the failover counter, nothing in the ledger
+        (its row keeps the first dispatch)."""
+        self._metrics.failovers.inc()
+        self.span.set_attribute("kunserve.instance_id", instance_id)
+        self.span.add_event("failover", {"kunserve.lost_instance_id": lost,
+                                         "kunserve.instance_id": instance_id,
+                                         "kunserve.tokens_before": tokens_before})
+
     def on_tokens(self, count: int) -> None:
         now = time.perf_counter()
         if self._last_token is None:

@@ -36,7 +36,18 @@ class GatewaySettings(ServiceSettings):
     request_timeout_s: float = Field(
         300.0, gt=0, description="longest silence of a running request (no update); past it: "
                                  "abort, 503 (or an SSE error event once streaming)")
+    failover_check_s: float = Field(
+        0.5, gt=0, description="how often the instances holding requests are checked for "
+                               "liveness (their load key in Redis)")
+    max_failovers: int = Field(
+        2, ge=0, description="times one request is resubmitted after the instance serving it "
+                             "died (0: fail it at once, 503); a cap, so a request that kills "
+                             "workers cannot take the whole fleet down")
     max_body_bytes: int = Field(4 * MiB, ge=1024, description="larger bodies get 413")
     admin_token: SecretStr | None = Field(
         None, description="bearer token of the admin endpoints (none: they answer 401)")
+    reconfigure_timeout_s: float = Field(
+        160.0, gt=0, description="wait for the planner's answer to an admin drop/restore "
+                                 "(the planner's prepare and commit timeouts, 30 + 120 s, and "
+                                 "some slack); past it: 503")
     access_log: bool = False

@@ -62,6 +62,18 @@ class BlockManager:
         """Return all of a request's blocks; a no-op for a request that holds none."""
         self._free.extend(self._tables.pop(request_id, ()))
 
+    def adopt(self, tables: dict[str, list[int]]) -> None:
+        """Take over block tables made elsewhere (requests handed over with their KV)."""
+        taken = {b for table in tables.values() for b in table}
+        if len(taken) != sum(len(t) for t in tables.values()) or any(
+                not 0 <= b < self.num_blocks for b in taken):
+            raise ValueError("adopted block tables overlap or name blocks outside the cache")
+        held = {b for table in self._tables.values() for b in table}
+        if taken & held or any(rid in self._tables for rid in tables):
+            raise ValueError("adopted blocks or requests are already held here")
+        self._free = deque(b for b in self._free if b not in taken)
+        self._tables.update({rid: list(table) for rid, table in tables.items() if table})
+
     def grow(self, num_new_blocks: int) -> None:
         """Append blocks with new ids at the end (memory freed elsewhere became KV cache)."""
         self._free.extend(range(self.num_blocks, self.num_blocks + num_new_blocks))

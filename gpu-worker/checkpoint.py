@@ -126,13 +126,19 @@ def load_stage(path: str | Path, layers: LayerRange | None = None,
         raise CheckpointError(
             f"layer range is for {layers.num_layers} layers, the model has {config.num_layers}")
     torch_dtype = TORCH_DTYPES[dtype or "float32"]
+    return build_stage(config, layers, torch_dtype,
+                       load_stage_weights(path, config, layers, torch_dtype))
+
+
+def build_stage(config: ModelConfig, layers: LayerRange, dtype: torch.dtype,
+                state: dict[str, torch.Tensor]) -> LlamaStage:
+    """The stage of ``layers`` around ``state`` (its tensors, taken as they are)."""
     with torch.device("meta"):
-        stage = LlamaStage(config, layers, torch_dtype)
-    state = load_stage_weights(path, config, layers, torch_dtype)
+        stage = LlamaStage(config, layers, dtype)
     missing, unexpected = stage.load_state_dict(state, strict=False, assign=True)
     if missing or unexpected:
         raise CheckpointError(f"weights do not fit the model: missing {missing}, "
                               f"unexpected {unexpected}")
     stage.rotary = RotaryEmbedding(config.rope, config.head_dim,
-                                   config.max_position_embeddings, torch_dtype)
+                                   config.max_position_embeddings, dtype)
     return stage.eval().requires_grad_(False)

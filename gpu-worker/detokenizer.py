@@ -24,11 +24,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+import msgspec
+
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
 REPLACEMENT_CHAR = "\ufffd"
 PROMPT_CONTEXT_TOKENS = 5
+
+
+class DetokenizerState(msgspec.Struct, kw_only=True):
+    """Where a detokenizer stands, to resume it in another engine (``handover.py``)."""
+
+    window: list[int]
+    read: int
+    text: str
+    released: int
+    stop: list[str]
+    skip_special_tokens: bool
 
 
 class IncrementalDetokenizer:
@@ -61,6 +74,19 @@ class IncrementalDetokenizer:
         self.text = ""
         self.stopped = False
         self.stop_reason: str | None = None
+
+    def export_state(self) -> DetokenizerState:
+        return DetokenizerState(window=list(self._window), read=self._read, text=self.text,
+                                released=self._released, stop=list(self._stop),
+                                skip_special_tokens=self._skip_special_tokens)
+
+    @classmethod
+    def resume(cls, tokenizer: Tokenizer, state: DetokenizerState) -> IncrementalDetokenizer:
+        """The detokenizer ``state`` was exported from, on this side."""
+        detok = cls(tokenizer, state.window[: state.read], state.stop, state.skip_special_tokens)
+        detok._window, detok._read = list(state.window), state.read
+        detok.text, detok._released = state.text, state.released
+        return detok
 
     def append(self, token_ids: Sequence[int]) -> str:
         """Add newly generated tokens; return the text they complete (possibly "").

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -21,7 +22,9 @@ from tokenizers import Tokenizer
 
 from kunserve.worker.block_manager import BlockManager
 from kunserve.worker.checkpoint import TORCH_DTYPES, load_stage
+from kunserve.worker.cost_model import CostModel
 from kunserve.worker.detokenizer import IncrementalDetokenizer
+from kunserve.worker.handover import RequestState, export_request, import_request
 from kunserve.worker.instance_memory import kv_geometry, plan_instance_memory
 from kunserve.worker.kv_cache import KVCache
 from kunserve.worker.layer_range import LayerRange
@@ -47,6 +50,14 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     num_threads: int | None = None  # torch intra-op threads; None: torch's default
     num_stages: int = 1  # >1: run the model as that many chained in-process stages
+    # host memory for swap preemption (the infercept policy), outside the budget; 0:
+    # preemption recomputes; -1: as much as the KV cache holds
+    swap_bytes: int = 0
+    # lookahead micro-batching when several micro-batches are in flight (a pipeline group):
+    # None: on when the model directory holds a cost model (``kunserve profile``)
+    lookahead: bool | None = None
+    cost_model: str | None = None  # its JSON; None: <model>/kunserve-cost-model.json
+    lookahead_min_tokens: int = 32
 
 
 @dataclass
@@ -96,13 +107,10 @@ class LLMEngine:
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         self.tokenizer = _load_tokenizer(Path(config.model))
-        self.runner, self.memory = self._load_model()
-        self.block_manager = BlockManager(self.memory.num_blocks, config.block_size)
         self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
-        self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, config.max_num_batched_tokens,
-                            self.max_model_len, num_micro_batches=self.runner.depth),
-            self.block_manager)
+        self.cost_model = _lookahead_cost_model(config, self.model_config)
+        runner, memory = self._load_model()
+        self.install(runner, memory)
         paged_decode.available()  # build or load the fused kernel now, not on the first request
         self._in_flight: deque[SchedulerOutput] = deque()
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -118,10 +126,89 @@ class LLMEngine:
             for r in range(config.num_stages)]
         params = sum(stage.parameter_bytes() for stage in self.stages)
         memory = plan_instance_memory(config, self.model_config, params, num_layers)
+        # one stage reserves the whole budget but the reserve: dropping layers (a pipeline
+        # group) turns parameter bytes into more blocks of the same range
+        capacity = (memory.budget_bytes - memory.reserve_bytes if config.num_stages == 1
+                    else None)
         self.kv_caches = [
             KVCache(kv_geometry(config, self.model_config, stage.layer_range.size),
-                    memory.num_blocks, TORCH_DTYPES[config.dtype]) for stage in self.stages]
-        return ModelRunner(self.stages, self.kv_caches), memory
+                    memory.num_blocks, TORCH_DTYPES[config.dtype], capacity_bytes=capacity)
+            for stage in self.stages]
+        swap_bytes = memory.kv_bytes if config.swap_bytes < 0 else config.swap_bytes
+        swap_blocks = swap_bytes // memory.block_bytes
+        return ModelRunner(self.stages, self.kv_caches, swap_blocks), memory
+
+    # -- reconfiguration (pipeline/reconfigure.py) -------------------------------------------
+    def install(self, runner: StepRunner | None, memory: MemoryPlan,
+                num_blocks: int | None = None) -> None:
+        """Serve with ``runner`` and a fresh block manager of ``num_blocks`` (default:
+        ``memory.num_blocks``); the engine must hold no requests. No runner: the engine does
+        not serve (a pipeline member that is not the leader) but reports its memory."""
+        if getattr(self, "scheduler", None) is not None and self.has_unfinished():
+            raise RuntimeError("export or finish the requests before changing the runner")
+        preemptions = self.scheduler.num_preemptions if hasattr(self, "scheduler") else 0
+        self.runner, self.memory = runner, memory
+        self.block_manager = BlockManager(num_blocks or memory.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                            self.max_model_len,
+                            num_micro_batches=runner.depth if runner is not None else 1,
+                            cost_model=self.cost_model,
+                            lookahead_min_tokens=self.config.lookahead_min_tokens,
+                            swap_blocks=getattr(runner, "swap_blocks", 0)),
+            self.block_manager)
+        self.scheduler.num_preemptions = preemptions
+
+    def export_requests(self, request_ids: Collection[str] | None = None
+                        ) -> list[RequestState]:
+        """Requests (all by default) with their progress and block table, removed from this
+        engine, running ones first (call with nothing in flight: after ``drain``). Their blocks
+        go back to the free list; their bytes stay as they are until a step reuses them."""
+        if self._in_flight:
+            raise RuntimeError("steps are in flight: drain first")
+        self.runner.release(self.scheduler.take_finished())
+        scheduler = self.scheduler
+        chosen = set(scheduler.requests) if request_ids is None else set(request_ids)
+        for request in scheduler.swapped:  # their KV is on the host: recompute
+            if request.request_id in chosen:
+                scheduler.host_blocks.free(request.request_id)
+                request.num_computed_tokens = 0
+        states = []
+        for request in [*scheduler.running, *scheduler.swapped, *scheduler.waiting]:
+            if request.request_id not in chosen:
+                continue
+            detok = self._detokenizers.pop(request.request_id, None)
+            states.append(export_request(request,
+                                         self.block_manager.block_table(request.request_id),
+                                         detok.export_state() if detok else None))
+        for state in states:
+            del scheduler.requests[state.request_id]
+            self.block_manager.free(state.request_id)
+        for queue in (scheduler.running, scheduler.swapped, scheduler.waiting):
+            kept = [r for r in queue if r.request_id not in chosen]
+            queue.clear()
+            queue.extend(kept)
+        scheduler.forget_plan()
+        return states
+
+    def abandon_requests(self) -> list[Request]:
+        """Every request, removed from the engine with whatever was in flight (the runner
+        broke): the caller requeues them. Their detokenizers stay."""
+        self._in_flight.clear()
+        requests = [*self.scheduler.running, *self.scheduler.swapped, *self.scheduler.waiting]
+        self.scheduler.requests.clear()
+        self.scheduler.running.clear()
+        self.scheduler.waiting.clear()
+        return requests
+
+    def adopt_requests(self, states: list[RequestState], tables: dict[str, list[int]]) -> None:
+        """Take over requests exported elsewhere; ``tables``: their blocks here."""
+        self.block_manager.adopt({s.request_id: tables[s.request_id] for s in states})
+        for state in states:
+            self.scheduler.adopt(import_request(state))
+            if state.detokenizer is not None and self.tokenizer is not None:
+                self._detokenizers[state.request_id] = IncrementalDetokenizer.resume(
+                    self.tokenizer, state.detokenizer)
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
@@ -254,6 +341,19 @@ class LLMEngine:
             "blocks_used": usage.used,
             "blocks_free": usage.free,
         }
+
+
+def _lookahead_cost_model(config: EngineConfig, model: ModelConfig) -> CostModel | None:
+    """The cost model lookahead micro-batching uses, None when it is off: the given or saved
+    JSON, else (lookahead asked for) an estimate from the model's shape."""
+    if config.lookahead is False:
+        return None
+    if config.cost_model is not None:
+        return CostModel.load(config.cost_model)
+    found = CostModel.find(config.model)
+    if found is None and config.lookahead:
+        return CostModel.estimate(model)
+    return found
 
 
 def _load_tokenizer(path: Path) -> Tokenizer | None:

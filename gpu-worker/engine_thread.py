@@ -11,6 +11,14 @@ step, and the two threads share one GIL, which a step gives back at every torch 
 give-back became a thread switch (measured on the tiny model: decode steps ~0.3 ms slower per
 100 us of the loop's work, and every token waited for the loop's thread to wake up).
 
+Reconfiguration (``GroupCommand``) also runs here, between two steps: joining a pipeline group
+(``reconfigure.drop``), restoring it, and falling back to solo when the group breaks. The
+leader of a group keeps this loop (its engine's runner is the pipeline's); another member runs
+its stage on a helper thread (``_serve_stage``) while this loop idles, reporting its load, until
+the leader starts a restore or the group breaks. Requests that move tell the outlet
+(``HandedOff`` on the sender, ``Adopted`` on the receiver), so each request's updates come from
+the instance that serves it.
+
 Where its job ends: it knows nothing of NATS or Redis; ``server.py``'s outlet publishes.
 """
 
@@ -28,6 +36,11 @@ from kunserve.protocol import InstanceLoad
 from kunserve.service_main import new_event_loop
 from kunserve.worker.engine import LLMEngine, RequestOutput
 from kunserve.worker.load_writer import LoadReport
+from kunserve.worker.model.llama import LlamaStage
+from kunserve.worker.pipeline import reconfigure
+from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+from kunserve.worker.pipeline.stage_messages import BeginRestore
+from kunserve.worker.request import Request
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.settings import WorkerSettings
 
@@ -47,7 +60,58 @@ class Aborted:
     error: str | None
 
 
-Event = list[RequestOutput] | Accepted | Aborted | LoadReport
+@dataclass
+class HandedOff:
+    """These requests left this instance with their progress (another serves them now)."""
+
+    request_ids: list[str]
+
+
+@dataclass
+class Adopted:
+    """Requests another instance started and this one serves from now on."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class RoleChanged:
+    """This instance's place in the topology changed (``Role``)."""
+
+    role: Role
+
+
+@dataclass
+class Role:
+    state: str = "solo"  # solo | pipelined
+    group_id: str = ""
+    stage: int = 0
+    layer_start: int = 0
+    layer_end: int = 0
+
+    @property
+    def follows(self) -> bool:
+        """A pipeline stage other than the leader: it takes no requests."""
+        return self.state == "pipelined" and self.stage > 0
+
+
+Event = list[RequestOutput] | Accepted | Aborted | LoadReport | HandedOff | Adopted | RoleChanged
+
+
+@dataclass
+class GroupCommand:
+    """``join`` the group ``link`` connects (drop) or ``restore`` it (leader only; the other
+    members learn of the restore from the leader). ``done`` gets the phase seconds or the
+    error."""
+
+    kind: str
+    done: Future
+    link: StageLink | None = None
+    group_id: str = ""
+    layer_link: StageLink | None = None  # the same members' second link (layer pulls)
+    blocks: int = 0  # migrate: how many KV blocks' worth of requests to move
 
 
 @dataclass
@@ -91,6 +155,11 @@ class EngineThread:
         self._released = [0, 0]  # tokens, requests taken since the last load report
         self._dirty = True
         self._last_report = float("-inf")
+        self.role = Role()
+        self._membership: reconfigure.Membership | None = None
+        self._stage_task: asyncio.Task | None = None  # a follower's stage loop
+        self._restoring: asyncio.Task | None = None  # a leader's restore
+        self._hold_steps = False
 
     def start(self) -> Future:
         """Start the thread; the future resolves once the engine is built and the outlet
@@ -98,7 +167,7 @@ class EngineThread:
         self._thread.start()
         return self._ready
 
-    def add(self, command: AddCommand | AbortCommand) -> None:
+    def add(self, command: AddCommand | AbortCommand | GroupCommand) -> None:
         """From any thread (after ``start`` resolved). Dropped once the thread has stopped."""
         try:
             self._loop.call_soon_threadsafe(self._inbox.put_nowait, command)
@@ -128,10 +197,14 @@ class EngineThread:
         self._ready.set_result(engine.memory_report())
         try:
             while await self._take_commands(engine):
-                if engine.has_unfinished():
+                if self._hold_steps:  # a restore is between its drain and its split
+                    await asyncio.sleep(0.001)
+                elif engine.has_unfinished():
                     await self._step(engine)
                 await self._report_load(engine)
         finally:
+            if self._membership is not None:
+                self._membership.link.close()
             await self._outlet.close()
 
     async def _take_commands(self, engine: LLMEngine) -> bool:
@@ -159,13 +232,23 @@ class EngineThread:
         period = self.settings.load_refresh_ms if self._dirty else self.settings.liveness_ttl_ms / 3
         return max(0.0, period / 1000 - since)
 
-    async def _apply(self, engine: LLMEngine, command: AddCommand | AbortCommand) -> None:
+    async def _apply(self, engine: LLMEngine,
+                     command: AddCommand | AbortCommand | GroupCommand) -> None:
+        if isinstance(command, GroupCommand):
+            await self._reconfigure(engine, command)
+            return
         if isinstance(command, AbortCommand):
             engine.abort_request(command.request_id)
             await self._outlet.emit(Aborted(command.request_id, command.error))
             return
         self._released[0] += command.reserved_tokens
         self._released[1] += 1
+        if engine.runner is None:  # a pipeline stage other than the leader: it cannot serve
+            await self._outlet.emit([RequestOutput(
+                command.request_id, [], "", True, "error",
+                "this instance is a pipeline stage of a group; send requests to its leader",
+                num_prompt_tokens=len(command.prompt_token_ids))])
+            return
         try:
             engine.add_request(command.prompt_token_ids, command.params, command.request_id)
         except Exception as exc:  # e.g. an id the engine already holds
@@ -179,6 +262,11 @@ class EngineThread:
     async def _step(self, engine: LLMEngine) -> None:
         try:
             outputs = engine.step()
+        except StageLinkError as exc:  # the leader's group broke: serve its requests solo
+            if self._membership is None:
+                raise
+            await self._fall_back(engine, exc)
+            return
         except Exception as exc:  # a failed step fails its requests, not the worker
             logger.exception("engine step failed")
             outputs = [RequestOutput(rid, [], "", True, "error", f"engine step failed: {exc}")
@@ -189,22 +277,196 @@ class EngineThread:
         if outputs:
             await self._outlet.emit(outputs)
 
+    # -- reconfiguration -------------------------------------------------------------------------
+    async def _reconfigure(self, engine: LLMEngine, command: GroupCommand) -> None:
+        if command.kind == "restore":  # runs beside the steps: the layer pull overlaps them
+            if self._restoring is not None:
+                command.done.set_exception(ValueError("a restore is already under way"))
+            else:
+                self._restoring = asyncio.create_task(self._run_restore(engine, command))
+            return
+        try:
+            if command.kind == "migrate":
+                phases = await self._migrate(engine, command)
+            elif command.kind == "join":
+                phases = await self._join(engine, command.link, command.group_id,
+                                          command.layer_link)
+            else:
+                raise ValueError(f"unknown group command {command.kind!r}")
+        except Exception as exc:  # reported to whoever commanded it; the worker serves on
+            logger.warning("%s failed: %s", command.kind, exc)
+            command.done.set_exception(exc)
+        else:
+            command.done.set_result(phases)
+        self._dirty = True
+
+    async def _run_restore(self, engine: LLMEngine, command: GroupCommand) -> None:
+        try:
+            command.done.set_result(await self._restore(engine))
+        except Exception as exc:
+            logger.warning("restore failed: %s", exc)
+            command.done.set_exception(exc)
+        finally:
+            self._restoring = None
+            self._dirty = True
+
+    async def _join(self, engine: LLMEngine, link: StageLink, group_id: str,
+                    layer_link: StageLink | None) -> dict:
+        if self._membership is not None:
+            raise ValueError(f"already in group {self.role.group_id}")
+        before = set(engine.scheduler.requests)
+        try:
+            membership = reconfigure.drop(engine, link, group_id, layer_link)
+        except reconfigure.GroupFailed:  # solo again; the leader kept every request
+            await self._announce_moves(engine, before)
+            raise
+        self._membership = membership
+        await self._announce_moves(engine, before)
+        layers = membership.layers
+        await self._set_role(Role("pipelined", group_id, link.rank, layers.start, layers.end))
+        if membership.stage_runner is not None:
+            self._stage_task = asyncio.create_task(self._serve_stage(engine, membership))
+        return membership.phases
+
+    async def _migrate(self, engine: LLMEngine, command: GroupCommand) -> dict:
+        """The llumnix policy: hand running requests (with their KV) to, or take them from,
+        the other member of ``command.link``; serves solo throughout."""
+        if self._membership is not None:
+            raise ValueError(f"in group {self.role.group_id}: not migrating")
+        start = time.perf_counter()
+        before = set(engine.scheduler.requests)
+        try:
+            moved = reconfigure.migrate(engine, command.link, command.blocks)
+        finally:
+            command.link.close()
+            if command.layer_link is not None:
+                command.layer_link.close()
+            await self._announce_moves(engine, before)
+        return {"migrate": time.perf_counter() - start, "requests": float(moved)}
+
+    async def _announce_moves(self, engine: LLMEngine, before: set[str]) -> None:
+        """Tell the outlet which requests left and which arrived since ``before``."""
+        now = engine.scheduler.requests
+        if before - set(now):
+            await self._outlet.emit(HandedOff(sorted(before - set(now))))
+        for rid, request in now.items():
+            if rid not in before:
+                await self._outlet.emit(_adopted(request))
+
+    async def _serve_stage(self, engine: LLMEngine, membership: reconfigure.Membership) -> None:
+        """A follower: run the stage loop on a helper thread (this loop stays free to report
+        the load) until the leader starts a restore or the group breaks. Another helper
+        thread waits for the leader's order to pull the layers back, and pulls them while
+        the stage loop goes on serving."""
+        pull = asyncio.create_task(self._pull_when_ordered(engine, membership))
+        try:
+            begin = await asyncio.to_thread(membership.stage_runner.run)
+            if begin is None:
+                raise StageLinkError("the leader ended the epoch")
+            stage = await pull if membership.layer_link is not None else None
+            reconfigure.restore(engine, membership, begin, stage)
+        except (StageLinkError, reconfigure.GroupFailed) as exc:
+            if not isinstance(exc, reconfigure.GroupFailed):
+                reconfigure.fall_back(engine, membership)
+            logger.warning("group %s broke, serving solo: %s", membership.group_id, exc)
+        except Exception:  # the stage loop itself failed: leave the group, serve solo
+            logger.exception("stage loop failed")
+            reconfigure.fall_back(engine, membership)
+        pull.cancel()  # a broken group closed the layer link: its thread has returned
+        self._membership, self._stage_task = None, None
+        await self._announce_moves(engine, set())
+        await self._set_role(Role())
+        self._dirty = True
+
+    async def _pull_when_ordered(self, engine: LLMEngine,
+                                 membership: reconfigure.Membership) -> LlamaStage | None:
+        if membership.layer_link is None:
+            return None
+        await asyncio.to_thread(reconfigure.await_layer_pull_order, membership)
+        return await asyncio.to_thread(reconfigure.pull_layers, engine, membership)
+
+    async def _restore(self, engine: LLMEngine) -> dict:
+        """Leader: pull the layers back while the group serves (the steps go on around this
+        task), then stop serving, move the KV and split."""
+        membership = self._membership
+        if membership is None or not membership.link.is_leader:
+            raise ValueError("only a group's leader restores it")
+        reconfigure.plan_restore(engine, membership)  # ValueError: does not fit, stays as is
+        if membership.layer_link is not None and membership.pulled is None:
+            # once per group: the members' pull runs once too (a refused restore keeps it)
+            reconfigure.order_layer_pull(membership)
+            membership.pulled = await asyncio.to_thread(reconfigure.pull_layers, engine,
+                                                        membership)
+            if self._membership is not membership:
+                raise StageLinkError("the group broke while the layers were pulled back")
+        before = set(engine.scheduler.requests)
+        self._hold_steps = True  # from the drain to the split, the main loop must not step
+        try:
+            outputs = engine.drain()
+            if outputs:  # out before the members take the requests (they wait for our commit)
+                await self._outlet.emit(outputs)
+            begin = reconfigure.plan_restore(engine, membership)  # ValueError: stays as is
+            self._restore_split(engine, membership, begin, membership.pulled)
+        finally:
+            self._hold_steps = False
+            if self._membership is None:  # split, or fell back: solo either way
+                left = before - set(engine.scheduler.requests)
+                if left:
+                    await self._outlet.emit(HandedOff(sorted(left)))
+                await self._set_role(Role())
+        return membership.phases
+
+    def _restore_split(self, engine: LLMEngine, membership: reconfigure.Membership,
+                       begin: BeginRestore, stage: LlamaStage | None) -> None:
+        """The blocking part of the restore; solo afterwards, whatever happened (a broken
+        group falls back, ``GroupFailed``)."""
+        try:
+            reconfigure.restore(engine, membership, begin, stage)
+        finally:
+            self._membership = None
+
+    async def _fall_back(self, engine: LLMEngine, exc: Exception) -> None:
+        membership, self._membership = self._membership, None
+        requeued = reconfigure.fall_back(engine, membership)
+        logger.warning("group %s broke (%s): serving solo, %d requests requeued",
+                       membership.group_id, exc, requeued)
+        await self._set_role(Role())
+
+    async def _set_role(self, role: Role) -> None:
+        self.role = role
+        await self._outlet.emit(RoleChanged(role))
+        self._last_report = float("-inf")  # the next boundary reports the new shape
+
     async def _report_load(self, engine: LLMEngine) -> None:
         since = (time.monotonic() - self._last_report) * 1000
         s = self.settings
         if since < s.liveness_ttl_ms / 3 and not (self._dirty and since >= s.load_refresh_ms):
             return
-        await self._outlet.emit(LoadReport(snapshot_load(engine, s.instance_id),
+        await self._outlet.emit(LoadReport(snapshot_load(engine, s.instance_id, self.role),
                                            *self._released))
         self._released = [0, 0]
         self._dirty, self._last_report = False, time.monotonic()
 
 
-def snapshot_load(engine: LLMEngine, instance_id: str) -> InstanceLoad:
+def snapshot_load(engine: LLMEngine, instance_id: str, role: Role | None = None) -> InstanceLoad:
     scheduler, blocks = engine.scheduler, engine.block_manager
     usage = blocks.usage()
+    role = role or Role(layer_end=engine.model_config.num_layers)
+    memory = engine.memory_report()
+    layer_end = role.layer_end if role.state != "solo" else engine.model_config.num_layers
+    swaps = getattr(engine.runner, "swap_spaces", [])
     return InstanceLoad(
         instance_id=instance_id, running=scheduler.num_running, waiting=scheduler.num_waiting,
         blocks_total=usage.total, blocks_used=usage.used, block_size=blocks.block_size,
         queued_tokens=sum(r.num_uncomputed_tokens for r in scheduler.waiting),
-        num_preemptions=scheduler.num_preemptions, updated_at=time.time())
+        num_preemptions=scheduler.num_preemptions, num_swaps=scheduler.num_swaps,
+        swap_bytes=sum(space.bytes_copied for space in swaps),
+        swap_seconds=sum(space.seconds for space in swaps), updated_at=time.time(),
+        state=role.state, group_id=role.group_id or instance_id, stage=role.stage,
+        layer_start=role.layer_start, layer_end=layer_end,
+        parameter_bytes=memory["parameter_bytes"], kv_bytes=memory["kv_bytes"],
+        budget_bytes=memory["budget_bytes"], reserve_bytes=memory["reserve_bytes"])
+
+
+def _adopted(request: Request) -> Adopted:
+    return Adopted(request.request_id, request.num_prompt_tokens, request.num_output_tokens)

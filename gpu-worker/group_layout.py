@@ -1,75 +1,147 @@
-"""How a pipeline group of ``g`` instances names its KV blocks and which slices it swaps.
+"""Where every KV slice goes when instances merge into a pipeline group, and back. Pure.
 
-Pure arithmetic, no torch: the drop protocol (issue 4) moves the bytes.
+Solo, each of the ``g`` members holds ``L`` layers per block; in the group, member ``r`` holds
+the layers of stage ``r`` (``LayerRange.for_stage``) and one block id means the same tokens on
+every member, because the leader's scheduler keeps one block table per request for the group.
 
-Before the drop every member holds the whole model and ``N`` solo blocks of ``L`` layers (same
-model, same budget). After ``KVCache.reshape`` to ``L/g`` layers per block, member ``r``'s local
-block ``b·g + j`` holds the tokens of its solo block ``b`` for stage ``j``'s layers, in place.
-The group names blocks so that one id means the same tokens on every member: member ``r``'s
-solo block ``b`` becomes group block ``b·g + r``. Member ``r`` already holds its own layers of
-that block (local ``b·g + r``); the other slices are swapped pairwise: ``r``'s local ``b·g + j``
-(its tokens, stage ``j``'s layers) goes to member ``j``'s local ``b·g + r``, and ``j``'s local
-``b·g + r`` (``j``'s tokens, stage ``r``'s layers) comes back into ``r``'s local ``b·g + j``.
-Every slot is written once, so no block is copied inside a member. Blocks past ``N·g`` are the
-freed parameter memory, the same ids on every member.
+Drop. When ``g`` divides ``L`` the layout is zero-copy: after ``KVCache.reshape`` member ``r``'s
+local block ``b·g + j`` is its solo block ``b``'s slice of stage ``j``'s layers, in place.
+Member ``m``'s solo block ``b`` is named group block ``b·g + m``: member ``m`` already holds its
+own slice of it where the group expects it (nothing moves), and each other slice crosses to the
+member that holds those layers. When ``g`` does not divide ``L`` a block's bytes do not split
+into whole blocks of the new geometry, so the used blocks get compact new ids and every slice
+is copied (the member's own slice locally).
 
-This layout needs ``L`` divisible by ``g`` (a block of ``L`` layers splits into ``g`` whole
-blocks); other layer counts need a copying layout, which this module does not provide.
+Restore. Each request is assigned to one member (``assign_requests``), which gets new solo
+blocks for it; every member sends its stage's slice of the request's group blocks there.
+
+Both directions are a list of ``KVPiece``: every member derives the same list from the same
+inputs, packs what it sends (and its local copies) out of the old geometry, re-reads its
+storage with the new geometry, then writes what it receives. Packing everything first makes the
+order of writes irrelevant: a slot that is both sent and overwritten is read before it is
+written. ``kv_transfer.py`` moves the bytes.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from kunserve.worker.layer_range import LayerRange
 
 
 @dataclass(frozen=True)
-class Exchange:
-    """What member ``rank`` swaps with ``peer``: it sends ``send_blocks`` (local ids) and
-    receives into ``recv_blocks`` (local ids); a block in both lists is sent before it is
-    overwritten."""
+class KVPiece:
+    """Layers ``[layer_start, layer_end)`` of ``src_blocks`` (the sender's numbering before
+    the change) land in ``dst_blocks`` (the receiver's numbering after it), pairwise."""
 
-    peer: int
-    send_blocks: tuple[int, ...]
-    recv_blocks: tuple[int, ...]
+    src: int
+    dst: int
+    layer_start: int
+    layer_end: int
+    src_blocks: tuple[int, ...]
+    dst_blocks: tuple[int, ...]
 
-
-def check_divisible(num_layers: int, group_size: int) -> None:
-    if group_size < 1 or num_layers % group_size:
-        raise ValueError(f"{num_layers} layers do not split into {group_size} whole stages; "
-                         "the zero-copy layout needs a divisor of the layer count")
-
-
-def group_block(member: int, solo_block: int, group_size: int) -> int:
-    """The group id of ``member``'s solo block."""
-    return solo_block * group_size + member
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
 
 
-def group_block_table(member: int, solo_table: list[int], group_size: int) -> list[int]:
-    return [group_block(member, b, group_size) for b in solo_table]
+@dataclass(frozen=True)
+class DropLayout:
+    zero_copy: bool
+    num_blocks: int  # the group's blocks (the same count on every member)
+    tables: dict[str, list[int]]  # request id -> group block table
+    pieces: list[KVPiece]
 
 
-def exchange_plan(rank: int, group_size: int, used: list[set[int]]) -> list[Exchange]:
-    """Member ``rank``'s swaps with every peer; ``used[m]`` = solo blocks member ``m`` had in
-    use at the drop. Blocks no one uses are not moved."""
-    plans = []
-    for peer in range(group_size):
-        if peer == rank:
+def stages(num_layers: int, group_size: int) -> list[LayerRange]:
+    return [LayerRange.for_stage(r, group_size, num_layers) for r in range(group_size)]
+
+
+def drop_layout(num_layers: int, tables: Sequence[Mapping[str, list[int]]],
+                capacities: Sequence[int]) -> DropLayout:
+    """``tables[m]``: member ``m``'s solo block tables; ``capacities[m]``: how many blocks of
+    its stage's geometry member ``m``'s KV bytes hold once it keeps only that stage."""
+    g = len(tables)
+    ranges = stages(num_layers, g)
+    zero_copy = num_layers % g == 0
+    num_blocks = min(capacities)
+    rename: list[dict[int, int]] = []
+    next_id = 0
+    for member, member_tables in enumerate(tables):
+        used = sorted({b for table in member_tables.values() for b in table})
+        if zero_copy:
+            rename.append({b: b * g + member for b in used})
+        else:
+            rename.append({b: next_id + i for i, b in enumerate(used)})
+            next_id += len(used)
+    highest = max((i for names in rename for i in names.values()), default=-1)
+    if highest >= num_blocks:
+        raise ValueError(f"the group holds {num_blocks} blocks but the members' KV needs "
+                         f"block {highest}")
+    group_tables = {rid: [rename[m][b] for b in table]
+                    for m, member_tables in enumerate(tables)
+                    for rid, table in member_tables.items()}
+    pieces = []
+    for member, names in enumerate(rename):
+        if not names:
             continue
-        send = tuple(b * group_size + peer for b in sorted(used[rank]))
-        recv = tuple(b * group_size + peer for b in sorted(used[peer]))
-        if send or recv:
-            plans.append(Exchange(peer, send, recv))
-    return plans
+        src = tuple(names)
+        dst = tuple(names[b] for b in src)
+        for holder, layers in enumerate(ranges):
+            if zero_copy and holder == member:
+                continue  # already in place
+            pieces.append(KVPiece(member, holder, layers.start, layers.end, src, dst))
+    return DropLayout(zero_copy, num_blocks, group_tables, pieces)
 
 
-def group_num_blocks(solo_blocks: int, group_size: int, extra_blocks: list[int]) -> int:
-    """Blocks of the group: every member's re-read solo blocks, plus the freed-parameter
-    blocks that every member has (the smallest member's count)."""
-    return solo_blocks * group_size + min(extra_blocks)
+def assign_requests(blocks_needed: Mapping[str, int], group_size: int,
+                    solo_blocks: int) -> dict[str, int]:
+    """Which member each request lives on after a restore: largest first, each to the member
+    with the most free solo blocks left (ties: the lowest rank). Raises when the group's KV
+    does not fit the solo instances (the restore must wait for the load to fall)."""
+    free = [solo_blocks] * group_size
+    assignment = {}
+    for rid in sorted(blocks_needed, key=lambda r: (-blocks_needed[r], r)):
+        member = max(range(group_size), key=lambda m: (free[m], -m))
+        if blocks_needed[rid] > free[member]:
+            total = sum(blocks_needed.values())
+            raise ValueError(f"the group's requests hold {total} blocks, more than "
+                             f"{group_size} solo instances of {solo_blocks} blocks can take "
+                             "request by request; restore when the load is lower")
+        free[member] -= blocks_needed[rid]
+        assignment[rid] = member
+    return assignment
 
 
-def free_group_blocks(solo_blocks: int, group_size: int, used: list[set[int]],
-                      num_blocks: int) -> list[int]:
-    """Group ids free after the drop: solo blocks nobody used and all the new blocks."""
-    taken = {group_block(m, b, group_size) for m, blocks in enumerate(used) for b in blocks}
-    return [i for i in range(num_blocks) if i not in taken]
+def solo_tables(group_tables: Mapping[str, list[int]],
+                assignment: Mapping[str, int]) -> dict[str, list[int]]:
+    """New solo block tables after a restore: each member numbers its requests' blocks from
+    0 in request-id order (the order ``assign_requests`` and every member agree on)."""
+    next_free: dict[int, int] = {}
+    tables = {}
+    for rid in sorted(group_tables):
+        member = assignment[rid]
+        start = next_free.get(member, 0)
+        tables[rid] = list(range(start, start + len(group_tables[rid])))
+        next_free[member] = start + len(group_tables[rid])
+    return tables
+
+
+def restore_pieces(num_layers: int, group_size: int, group_tables: Mapping[str, list[int]],
+                   assignment: Mapping[str, int],
+                   new_tables: Mapping[str, list[int]]) -> list[KVPiece]:
+    """Every member sends its stage's slice of each request's group blocks to the request's
+    member, one piece per (holder, member) pair."""
+    pieces = []
+    for holder, layers in enumerate(stages(num_layers, group_size)):
+        for member in range(group_size):
+            rids = [r for r in sorted(group_tables) if assignment[r] == member
+                    and group_tables[r]]
+            if not rids:
+                continue
+            src = tuple(b for r in rids for b in group_tables[r])
+            dst = tuple(b for r in rids for b in new_tables[r])
+            pieces.append(KVPiece(holder, member, layers.start, layers.end, src, dst))
+    return pieces

@@ -18,6 +18,7 @@ from kunserve.worker.request_sampler import RequestSampler
 from kunserve.worker.scheduler_output import ScheduledChunk, SchedulerOutput
 from kunserve.worker.stage_executor import StageExecutor
 from kunserve.worker.step_inputs import StepInputs, prepare_inputs
+from kunserve.worker.swap_space import SwapSpace
 
 
 class ModelRunner:
@@ -33,13 +34,20 @@ class ModelRunner:
 
     depth = 1
 
-    def __init__(self, stages: list[LlamaStage], kv_caches: list[KVCache]) -> None:
+    def __init__(self, stages: list[LlamaStage], kv_caches: list[KVCache],
+                 swap_blocks: int = 0) -> None:
+        """``swap_blocks``: host blocks for swap preemption (``swap_space.py``), per cache."""
         if not stages[0].layer_range.is_first or not stages[-1].layer_range.is_last:
             raise ValueError("the chained stages must cover the model from first to last layer")
         self.executors = [StageExecutor(s, c) for s, c in zip(stages, kv_caches, strict=True)]
         self.block_size = kv_caches[0].geometry.block_size
         self.sampler = RequestSampler(kv_caches[0].storage.device)
+        self.swap_spaces = [SwapSpace(c, swap_blocks) for c in kv_caches] if swap_blocks else []
         self._done: deque[dict[str, int]] = deque()
+
+    @property
+    def swap_blocks(self) -> int:
+        return self.swap_spaces[0].num_blocks if self.swap_spaces else 0
 
     # -- the engine's step-runner interface --------------------------------------------------
     def submit(self, out: SchedulerOutput) -> None:
@@ -57,7 +65,10 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> dict[str, int]:
         """Run one step; returns the sampled token of every request whose chunk ended."""
         self.release(out.finished)
-        if out.is_empty:
+        if out.swap_out or out.swap_in:
+            for space in self.swap_spaces:
+                space.apply(out.swap_out, out.swap_in)
+        if not out.chunks:
             return {}
         logits, chunks = self.forward(out)
         return self.sample(logits, chunks) if chunks else {}

@@ -13,6 +13,7 @@ import time
 import torch
 
 from kunserve.worker.sampler import Sampler, make_generator
+from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.scheduler_output import ScheduledChunk
 
 
@@ -38,6 +39,21 @@ class RequestSampler:
     def forget(self, request_ids: list[str]) -> None:
         for request_id in request_ids:
             self._generators.pop(request_id, None)
+
+    def export_generators(self, request_ids: list[str] | None = None) -> dict[str, bytes]:
+        """The random-stream positions of these requests (all by default), removed here; a
+        request that has not sampled yet has none (it starts from its seed wherever it goes)."""
+        ids = list(self._generators) if request_ids is None else request_ids
+        return {rid: bytes(self._generators.pop(rid).get_state().numpy())
+                for rid in ids if rid in self._generators}
+
+    def import_generators(self, states: dict[str, bytes], params: dict[str, SamplingParams]
+                          ) -> None:
+        """Resume the streams ``export_generators`` gave (``params``: each request's)."""
+        for rid, state in states.items():
+            generator = make_generator(params[rid], self.device)
+            generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+            self._generators[rid] = generator
 
     @property
     def num_generators(self) -> int:

@@ -14,14 +14,28 @@ blocks are being written by later stages); a running request that needs blocks o
 in-flight request could free waits for it instead. With ``num_micro_batches = n`` each output
 takes at most ``ceil(live sequences / n)`` of them, so ``n`` outputs in flight carry similar
 work; with ``n = 1`` (one process holding the whole model) nothing of this applies.
+
+Lookahead (a pipeline group with a cost model, ``lookahead.py``): while prefill work is queued
+(waiting requests, or running ones with more than one known token to compute), an output is
+the first of the ``n`` micro-batches of equal estimated cost that the next ``n`` outputs'
+worth of work (``n * max_num_batched_tokens`` tokens, running requests first, then the queue
+in order) splits into; it is recomputed for every output, so it follows whatever came back in
+between. The cut may chunk a prefill, and the rest of that prefill may go out in the next
+output while the first part is still in flight: every stage runs micro-batches in the order
+they were sent, so its keys and values are written before the next chunk reads them. Only
+known tokens go ahead this way (a chunk that samples is always a request's last); a request
+with a chunk in flight is still never preempted. With no prefill queued (decodes only)
+outputs are formed as without lookahead.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
+from kunserve.worker import lookahead
 from kunserve.worker.block_manager import BlockManager
+from kunserve.worker.cost_model import CostModel
 from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.scheduler_output import ScheduledChunk, SchedulerOutput
 
@@ -32,6 +46,12 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     num_micro_batches: int = 1  # outputs the caller keeps in flight (pipeline stages)
+    # lookahead micro-batching (with num_micro_batches > 1); None: even shares of sequences
+    cost_model: CostModel | None = None
+    lookahead_min_tokens: int = 32  # a lookahead cut leaves at least this many tokens a side
+    # preemption by swapping (InferCept's answer): host blocks a preempted request's KV is
+    # copied to and back from; 0: preemption recomputes (vLLM's default)
+    swap_blocks: int = 0
 
 
 class Scheduler:
@@ -44,9 +64,20 @@ class Scheduler:
         self.num_preemptions = 0
         self._finished_since_step: list[str] = []
         self._capped: list[Request] = []  # finished by schedule() for want of any block
-        # scheduled and not yet back through update_from_output
+        # scheduled and not yet back through update_from_output: the requests, how many of
+        # their chunks and tokens (more than one chunk only with lookahead)
         self._in_flight: dict[str, Request] = {}
-        self._orphans: set[str] = set()  # finished while in flight: their chunk is ignored
+        self._flying_chunks: Counter[str] = Counter()
+        self._flying_tokens: Counter[str] = Counter()
+        self._orphans: Counter[str] = Counter()  # finished in flight: chunks to ignore
+        # lookahead: the micro-batches planned after the one that went out, kept until an
+        # output comes back or a request leaves
+        self._plan: deque[list[lookahead.Work]] = deque()
+        # swap preemption: host blocks, and the requests whose KV sits there (resumed first)
+        self.host_blocks = (BlockManager(config.swap_blocks, block_manager.block_size)
+                            if config.swap_blocks else None)
+        self.swapped: deque[Request] = deque()
+        self.num_swaps = 0  # swap-outs so far
 
     # -- queue -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -58,25 +89,51 @@ class Scheduler:
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
+    def adopt(self, request: Request) -> None:
+        """Take over a request another engine started (its blocks are already adopted by
+        the block manager): running ones go on running, after the ones here."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in the engine")
+        self.requests[request.request_id] = request
+        if request.status == RequestStatus.RUNNING:
+            self.running.append(request)
+        else:
+            self.waiting.append(request)
+
+    def forget_plan(self) -> None:
+        """Requests left by other means than ``finish_request``: plan lookahead afresh."""
+        self._plan.clear()
+
+    def take_finished(self) -> list[str]:
+        """Requests that ended since the last ``schedule`` (their runner state can go)."""
+        finished, self._finished_since_step = self._finished_since_step, []
+        return finished
+
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
         """End a request (abort, stop string, error); frees its blocks. None if unknown."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
+        self._plan.clear()
         if request.status == RequestStatus.RUNNING:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        elif request in self.swapped:
+            self.swapped.remove(request)
+            self.host_blocks.free(request_id)
         request.status = status
         if self._in_flight.pop(request_id, None) is not None:
-            self._orphans.add(request_id)  # its chunk comes back ignored
+            # its chunks come back ignored
+            self._orphans[request_id] = self._flying_chunks.pop(request_id)
+            del self._flying_tokens[request_id]
         self.block_manager.free(request_id)
         self._finished_since_step.append(request_id)
         return request
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.waiting) + len(self.swapped)
 
     @property
     def num_running(self) -> int:
@@ -96,10 +153,19 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished=self._finished_since_step)
         self._finished_since_step = []
-        seats = self._seats()
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens, seats)
+        piece = self._lookahead()
+        allowed = None if piece is None else {w.request_id: w.num_tokens for w in piece}
+        seats = self._seats() if allowed is None else self.config.max_num_seqs
+        budget = self._schedule_running(out, self.config.max_num_batched_tokens, seats,
+                                        allowed)
         if budget is not None and not out.preempted:
-            self._schedule_waiting(out, budget, seats)
+            budget = self._schedule_swapped(out, budget, seats)
+        if budget is not None and not out.preempted and not self.swapped:
+            self._schedule_waiting(out, budget, seats, allowed)
+        if piece is not None and [(c.request_id, c.start_position, c.num_tokens)
+                                  for c in out.chunks] != [(w.request_id, w.prefix, w.num_tokens)
+                                                           for w in piece]:
+            self._plan.clear()  # it did not go out as planned (blocks): plan afresh
         return out
 
     def _seats(self) -> int:
@@ -108,16 +174,85 @@ class Scheduler:
         live = min(len(self.requests), self.config.max_num_seqs)
         return -(-live // self.config.num_micro_batches)
 
-    def _schedule_running(self, out: SchedulerOutput, budget: int, seats: int) -> int | None:
+    def _unscheduled(self, request: Request) -> int:
+        """Known tokens of the request that are neither computed nor in flight."""
+        return (request.num_uncomputed_tokens
+                - self._flying_tokens.get(request.request_id, 0))
+
+    # -- lookahead ---------------------------------------------------------------------------
+    def _lookahead(self) -> list[lookahead.Work] | None:
+        """This output's work by lookahead, or None (no cost model, one micro-batch in
+        flight, or no prefill queued: serve as without lookahead). The next micro-batch of
+        the plan while nothing came back since it was made, else the first of a new one."""
+        config = self.config
+        if config.cost_model is None or config.num_micro_batches < 2:
+            return None
+        if self._plan and self._plan_holds(self._plan[0]):
+            return self._plan.popleft()
+        self._plan.clear()
+        if not (self.waiting or any(self._unscheduled(r) > 1 for r in self.running)):
+            return None
+        window = self._lookahead_window(config.num_micro_batches
+                                        * config.max_num_batched_tokens)
+        self._plan.extend(lookahead.split(window, config.num_micro_batches, config.cost_model,
+                                          config.lookahead_min_tokens))
+        return (lookahead.truncate(self._plan.popleft(), config.max_num_batched_tokens)
+                if self._plan else [])
+
+    def _plan_holds(self, piece: list[lookahead.Work]) -> bool:
+        """Each chunk of a planned micro-batch still starts where its request's scheduled
+        work ends, and the micro-batch fits one output."""
+        for w in piece:
+            request = self.requests.get(w.request_id)
+            if (request is None or w.num_tokens > self._unscheduled(request)
+                    or w.prefix != request.num_tokens - self._unscheduled(request)):
+                return False
+        return lookahead.num_tokens(piece) <= self.config.max_num_batched_tokens
+
+    def _lookahead_window(self, limit: int) -> list[lookahead.Work]:
+        """Up to ``limit`` tokens of work in serving order: running requests' known tokens
+        not in flight, then the queue's while seats and free blocks last (FCFS). Nothing is
+        allocated here."""
+        window: list[lookahead.Work] = []
+        free = self.block_manager.num_free
+        for request in self.running:
+            num_new = min(self._unscheduled(request), limit)
+            if num_new <= 0:
+                continue
+            start = request.num_tokens - self._unscheduled(request)
+            free -= self.block_manager.num_new_blocks(request.request_id, start + num_new)
+            window.append(lookahead.Work(request.request_id, start, num_new))
+            limit -= num_new
+        seats = self.config.max_num_seqs - len(self.running)
+        for request in self.waiting:
+            num_new = min(request.num_uncomputed_tokens, limit)
+            needed = self.block_manager.blocks_needed(num_new)
+            if num_new <= 0 or seats <= 0 or needed > free:
+                break
+            free -= needed
+            seats -= 1
+            window.append(lookahead.Work(request.request_id, 0, num_new))
+            limit -= num_new
+        return window
+
+    # -- serving -----------------------------------------------------------------------------
+    def _schedule_running(self, out: SchedulerOutput, budget: int, seats: int,
+                          allowed: dict[str, int] | None = None) -> int | None:
         """Serve running requests in order; the budget left, or None when one of them could
-        not get its blocks (then nobody is admitted this step)."""
+        not get its blocks (then nobody is admitted this step). ``allowed``: tokens per
+        request (lookahead); else every request not in flight, as many as the budget takes."""
         index = 0
         while index < len(self.running) and budget > 0 and len(out.chunks) < seats:
             request = self.running[index]
             index += 1
-            if request.request_id in self._in_flight:
+            if allowed is not None:
+                num_new = min(allowed.get(request.request_id, 0), budget)
+                if num_new <= 0:
+                    continue
+            elif request.request_id in self._in_flight:
                 continue
-            num_new = min(request.num_uncomputed_tokens, budget)
+            else:
+                num_new = min(request.num_uncomputed_tokens, budget)
             if not self._allocate_or_preempt(request, num_new, out):
                 # capped: its blocks went back, the queue may use them; preempted or waiting
                 # for an in-flight request's blocks: nobody is admitted this step
@@ -127,7 +262,9 @@ class Scheduler:
         return budget
 
     def _allocate_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
-        total = request.num_computed_tokens + num_new
+        total = request.num_tokens - self._unscheduled(request) + num_new
+        if request.request_id in self._in_flight:  # lookahead: never preempt around it
+            return self.block_manager.allocate(request.request_id, total)
         while not self.block_manager.allocate(request.request_id, total):
             if self.running == [request]:
                 self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
@@ -137,7 +274,7 @@ class Scheduler:
             if victim is None:
                 return False
             self.running.remove(victim)
-            self._preempt(victim)
+            self._preempt(victim, out)
             out.preempted.append(victim.request_id)
             if victim is request:
                 return False
@@ -152,12 +289,15 @@ class Scheduler:
                 return candidate
         return None if newer else request
 
-    def _schedule_waiting(self, out: SchedulerOutput, budget: int, seats: int) -> None:
+    def _schedule_waiting(self, out: SchedulerOutput, budget: int, seats: int,
+                          allowed: dict[str, int] | None = None) -> None:
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and len(out.chunks) < seats):
             request = self.waiting[0]
             num_new = min(request.num_uncomputed_tokens, budget)
-            if not self.block_manager.allocate(request.request_id,
+            if allowed is not None:
+                num_new = min(allowed.get(request.request_id, 0), num_new)
+            if num_new <= 0 or not self.block_manager.allocate(request.request_id,
                                                request.num_computed_tokens + num_new):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
@@ -166,17 +306,52 @@ class Scheduler:
             out.chunks.append(self._chunk(request, num_new))
             budget -= num_new
 
-    def _preempt(self, request: Request) -> None:
-        self.block_manager.free(request.request_id)
+    def _preempt(self, request: Request, out: SchedulerOutput) -> None:
+        """Free a running request's blocks: its KV is swapped out to host blocks when there
+        is room (it resumes where it was), else it is recomputed from the start."""
+        rid = request.request_id
         request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
         request.num_preemptions += 1
         self.num_preemptions += 1
+        table = self.block_manager.block_table(rid)
+        host = self.host_blocks
+        if host is not None and table and host.allocate(rid, len(table) * host.block_size):
+            out.swap_out += list(zip(table, host.block_table(rid), strict=True))
+            self.block_manager.free(rid)
+            self.num_swaps += 1
+            self.swapped.appendleft(request)
+            return
+        self.block_manager.free(rid)
+        request.num_computed_tokens = 0
         self.waiting.appendleft(request)
 
+    def _schedule_swapped(self, out: SchedulerOutput, budget: int, seats: int) -> int | None:
+        """Bring swapped requests back, oldest preemption last (FCFS among them), while their
+        blocks fit: their KV is copied in before this step's forward. The budget left, or
+        None when the first of them does not fit (nobody overtakes it)."""
+        while self.swapped and budget > 0 and len(out.chunks) < seats and len(
+                self.running) < self.config.max_num_seqs:
+            request = self.swapped[0]
+            rid = request.request_id
+            num_new = min(request.num_uncomputed_tokens, budget)
+            if not self.block_manager.allocate(rid, request.num_computed_tokens + num_new):
+                return None
+            host_table = self.host_blocks.block_table(rid)
+            device_table = self.block_manager.block_table(rid)
+            out.swap_in += list(zip(host_table, device_table, strict=False))
+            self.host_blocks.free(rid)
+            self.swapped.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(self._chunk(request, num_new))
+            budget -= num_new
+        return budget
+
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
+        start = request.num_tokens - self._unscheduled(request)
         self._in_flight[request.request_id] = request
-        start = request.num_computed_tokens
+        self._flying_chunks[request.request_id] += 1
+        self._flying_tokens[request.request_id] += num_new
         return ScheduledChunk(
             request_id=request.request_id,
             token_ids=request.token_slice(start, start + num_new),
@@ -201,14 +376,24 @@ class Scheduler:
         """
         progressed: list[tuple[Request, list[int]]] = [(r, []) for r in self._capped]
         self._capped = []
+        if out.chunks:
+            self._plan.clear()  # decodes came back: they go into the next plan
         for chunk in out.chunks:
-            if chunk.request_id in self._orphans:  # finished while the chunk ran
-                self._orphans.discard(chunk.request_id)
+            rid = chunk.request_id
+            if self._orphans[rid] > 0:  # finished while the chunk ran
+                self._orphans[rid] -= 1
+                if not self._orphans[rid]:
+                    del self._orphans[rid]
                 continue
-            request = self._in_flight.pop(chunk.request_id, None)
-            if request is None:
-                raise ValueError(f"{chunk.request_id!r} has no chunk in flight: each output "
-                                 "goes through update_from_output once, in schedule order")
+            request = self._in_flight.get(rid)
+            if request is None or chunk.start_position != request.num_computed_tokens:
+                raise ValueError(f"{rid!r} has no chunk in flight starting at "
+                                 f"{chunk.start_position}: each output goes through "
+                                 "update_from_output once, in schedule order")
+            self._flying_chunks[rid] -= 1
+            self._flying_tokens[rid] -= chunk.num_tokens
+            if not self._flying_chunks[rid]:
+                del self._in_flight[rid], self._flying_chunks[rid], self._flying_tokens[rid]
             request.num_computed_tokens += chunk.num_tokens
             token = sampled.get(chunk.request_id)
             if token is None:

@@ -30,6 +30,10 @@ class SchedulerOutput:
     preempted: list[str] = field(default_factory=list)
     # requests that left the engine since the last step: the runner drops their state
     finished: list[str] = field(default_factory=list)
+    # swap preemption, applied before the step's forward, outs first: (device block, host
+    # block) copied out, (host block, device block) copied in
+    swap_out: list[tuple[int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -37,4 +41,4 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not (self.chunks or self.swap_out or self.swap_in)

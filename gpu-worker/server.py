@@ -30,6 +30,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import msgspec
@@ -41,26 +42,39 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from redis.exceptions import RedisError
 
 from kunserve.protocol import (
+    AbortGroup,
     AbortRequest,
+    CommitGroup,
+    ControlCommand,
+    ControlReply,
     GenerateRequest,
+    MigrateRequests,
+    PrepareGroup,
     RedisKeys,
     RequestUpdate,
+    RestoreGroup,
     Subjects,
     decode,
     encode,
 )
 from kunserve.reservations import Reservations, reservation_tokens
-from kunserve.telemetry import extract_context, setup_tracing
+from kunserve.telemetry import extract_context, request_tracer, setup_tracing
 from kunserve.worker.engine import RequestOutput
 from kunserve.worker.engine_thread import (
     AbortCommand,
     Aborted,
     Accepted,
     AddCommand,
+    Adopted,
     EngineThread,
     Event,
+    GroupCommand,
+    HandedOff,
+    Role,
+    RoleChanged,
 )
 from kunserve.worker.load_writer import LoadReport, LoadWriter
+from kunserve.worker.pipeline.stage_link import StageLink, meet
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.settings import WorkerSettings
 
@@ -108,11 +122,13 @@ class UpdatePublisher:
 
     def __init__(self, settings: WorkerSettings, server_loop: asyncio.AbstractEventLoop,
                  on_load: Callable[[LoadReport], None], on_finished: Callable[[Finished], None],
-                 on_closed: Callable[[], None]) -> None:
+                 on_closed: Callable[[], None],
+                 on_moved: Callable[[HandedOff | Adopted | RoleChanged], None]) -> None:
         self.settings = settings
         self.instance_id = settings.instance_id
         self._server_loop = server_loop
         self._on_load, self._on_finished, self._on_closed = on_load, on_finished, on_closed
+        self._on_moved = on_moved
         self._live: dict[str, _Live] = {}
         self.nc: nats.NATS | None = None
 
@@ -157,6 +173,17 @@ class UpdatePublisher:
                     num_prompt_tokens=live.num_prompt_tokens))
         elif isinstance(event, LoadReport):
             self._server_loop.call_soon_threadsafe(self._on_load, event)
+        elif isinstance(event, HandedOff):
+            for request_id in event.request_ids:
+                self._live.pop(request_id, None)
+            self._server_loop.call_soon_threadsafe(self._on_moved, event)
+        elif isinstance(event, Adopted):
+            now = time.time_ns()
+            self._live[event.request_id] = _Live(event.num_prompt_tokens, now,
+                                                 now if event.num_output_tokens else None)
+            self._server_loop.call_soon_threadsafe(self._on_moved, event)
+        elif isinstance(event, RoleChanged):
+            self._server_loop.call_soon_threadsafe(self._on_moved, event)
 
     async def _publish_output(self, out: RequestOutput) -> None:
         live = self._live.get(out.request_id)
@@ -192,7 +219,8 @@ class WorkerServer:
         self._tracing = setup_tracing("kunserve-worker", settings.otel_exporter,
                                       settings.otel_endpoint, span_exporter)
         self._owns_exporters = span_exporter is None
-        self._tracer = self._tracing.get_tracer("kunserve.worker")
+        self._tracer = request_tracer(self._tracing, "kunserve.worker", settings.otel_exporter,
+                                      span_exporter)
         self.nc: nats.NATS | None = None
         self.redis: aioredis.Redis | None = None
         self._reservations: Reservations | None = None
@@ -206,6 +234,13 @@ class WorkerServer:
         self._load_written = asyncio.Event()
         self._writer: LoadWriter | None = None
         self.memory_report: dict[str, int] = {}
+        self.role = Role()
+        # formed, not committed: the plan, the serving link and the layer link
+        self._prepared: tuple[PrepareGroup, StageLink, StageLink] | None = None
+        self._reconfiguring = False
+        # set before a commit that makes this instance a non-leader stage: from then on it
+        # refuses requests (the engine would hand nothing to a stage), until it is solo again
+        self._joining_as_follower = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -216,7 +251,8 @@ class WorkerServer:
         self._writer = LoadWriter(self.redis, self._reservations, self.instance_id,
                                   self.settings.liveness_ttl_ms, self._load_written.set)
         publisher = UpdatePublisher(self.settings, asyncio.get_running_loop(),
-                                    self._writer.submit, self._on_finished, self._lost_nats)
+                                    self._writer.submit, self._on_finished, self._lost_nats,
+                                    self._on_moved)
         self._engine = EngineThread(self.settings, publisher)
         try:
             self.memory_report = await asyncio.wrap_future(self._engine.start())
@@ -235,7 +271,9 @@ class WorkerServer:
                                      error_cb=log_nats_error, closed_cb=self._on_nats_closed)
         generate = Subjects.worker_generate(self.instance_id)
         self._subs = [await self.nc.subscribe(generate, cb=self._on_generate),
-                      await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort)]
+                      await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort),
+                      await self.nc.subscribe(Subjects.control(self.instance_id),
+                                              cb=self._on_control)]
         self._accepting = True
         try:
             await asyncio.wait_for(self._load_written.wait(), timeout=10)
@@ -297,7 +335,9 @@ class WorkerServer:
 
     # -- incoming ----------------------------------------------------------------------------
     async def _on_generate(self, msg: Msg) -> None:
-        accepting = self._accepting  # what the receipt says (a refusal: the router reroutes)
+        # what the receipt says (a refusal: the router reroutes); a pipeline stage other than
+        # the leader takes no requests (the router learns it from the topology)
+        accepting = self._accepting and not (self.role.follows or self._joining_as_follower)
         try:
             request = decode(msg.data, GenerateRequest)
         except msgspec.DecodeError as exc:
@@ -351,6 +391,139 @@ class WorkerServer:
             self._engine.add(AbortCommand(abort.request_id))
         else:  # it may have overtaken its request (gateway -> router -> worker is longer)
             self._early_aborts.add(abort.request_id)
+
+    # -- reconfiguration (the planner's control commands) -----------------------------------
+    async def _on_control(self, msg: Msg) -> None:
+        start = time.perf_counter()
+        try:
+            command = msgspec.json.decode(msg.data, type=ControlCommand)
+            error = await self._control(command)
+        except msgspec.DecodeError as exc:
+            error = f"not a control command: {exc}"
+        except Exception as exc:  # any failure is the planner's to see, not a crash
+            logger.exception("control command failed")
+            error = f"{type(exc).__name__}: {exc}"
+        if msg.reply:
+            await msg.respond(encode(ControlReply(
+                instance_id=self.instance_id, ok=error is None, error=error,
+                seconds=time.perf_counter() - start)))
+
+    async def _control(self, command: ControlCommand) -> str | None:
+        """Carry out one command; the error to report, or None."""
+        if isinstance(command, PrepareGroup):
+            return await self._prepare(command)
+        if isinstance(command, AbortGroup):
+            self._drop_prepared(command.epoch, command.group_id)
+            return None
+        if isinstance(command, CommitGroup):
+            prepared = self._take_prepared(command.epoch, command.group_id)
+            if prepared is None:
+                return f"no prepared group {command.group_id} of epoch {command.epoch}"
+            self._joining_as_follower = prepared[1].rank > 0
+            error = await self._engine_group_command(GroupCommand(
+                "join", Future(), link=prepared[1], group_id=command.group_id,
+                layer_link=prepared[2]))
+            if error is not None:
+                self._joining_as_follower = False
+            return error
+        if isinstance(command, MigrateRequests):
+            prepared = self._take_prepared(command.epoch, command.group_id)
+            if prepared is None:
+                return f"no prepared group {command.group_id} of epoch {command.epoch}"
+            return await self._engine_group_command(GroupCommand(
+                "migrate", Future(), link=prepared[1], group_id=command.group_id,
+                layer_link=prepared[2], blocks=command.blocks))
+        if isinstance(command, RestoreGroup):
+            if self.role.group_id != command.group_id or self.role.state != "pipelined":
+                return f"not in pipelined group {command.group_id}"
+            if self.role.follows:
+                return None  # the leader drives the restore over the group's link
+            return await self._engine_group_command(GroupCommand("restore", Future()))
+        return f"unknown command {type(command).__name__}"
+
+    async def _prepare(self, command: PrepareGroup) -> str | None:
+        plan = command.plan
+        if self.instance_id not in plan.members:
+            return f"{self.instance_id} is not a member of group {plan.group_id}"
+        if self._prepared is not None or self.role.state != "solo" or self._reconfiguring:
+            return f"{self.instance_id} is already in or joining a group"
+        rank = plan.members.index(self.instance_id)
+        self._reconfiguring = True
+        links: list[StageLink] = []
+        try:
+            for name in (plan.group_id, f"{plan.group_id}/layers"):  # serving, layer pulls
+                links.append(await asyncio.to_thread(
+                    meet, plan.store_host, plan.store_port, name, plan.epoch, rank,
+                    len(plan.members), timeout_s=plan.timeout_s,
+                    bind_host=self.settings.bind_host or None))
+        except Exception as exc:
+            for link in links:
+                link.close()
+            return f"could not form group {plan.group_id}: {exc}"
+        finally:
+            self._reconfiguring = False
+        self._prepared = (command, *links)
+        return None
+
+    def _take_prepared(self, epoch: int, group_id: str
+                       ) -> tuple[PrepareGroup, StageLink, StageLink] | None:
+        prepared = self._prepared
+        if prepared is None or (prepared[0].plan.epoch, prepared[0].plan.group_id) != (
+                epoch, group_id):
+            return None
+        self._prepared = None
+        return prepared
+
+    def _drop_prepared(self, epoch: int, group_id: str) -> None:
+        prepared = self._prepared
+        if prepared is not None and (prepared[0].plan.epoch, prepared[0].plan.group_id) == (
+                epoch, group_id):
+            self._prepared = None
+            prepared[1].close()
+            prepared[2].close()
+
+    async def _engine_group_command(self, command: GroupCommand) -> str | None:
+        """Hand a drop or restore to the engine thread and wait; a span records its phases."""
+        self._reconfiguring = True
+        name = {"join": "worker.drop"}.get(command.kind, f"worker.{command.kind}")
+        with self._tracer.start_as_current_span(name, attributes={
+                "kunserve.instance_id": self.instance_id,
+                "kunserve.group_id": command.group_id or self.role.group_id}) as span:
+            try:
+                self._engine.add(command)
+                phases = await asyncio.wrap_future(command.done)
+            except Exception as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                return str(exc) or type(exc).__name__
+            finally:
+                self._reconfiguring = False
+            for phase, seconds in phases.items():
+                span.set_attribute(f"kunserve.phase.{phase}_s", seconds)
+        return None
+
+    def _on_moved(self, event: HandedOff | Adopted | RoleChanged) -> None:
+        """Requests that left or joined this instance, or its new place in the topology."""
+        if isinstance(event, RoleChanged):
+            self.role = event.role
+            if not event.role.follows:
+                self._joining_as_follower = False
+            logger.info("worker %s: %s", self.instance_id, event.role)
+        elif isinstance(event, HandedOff):
+            for request_id in event.request_ids:
+                tracked = self._active.pop(request_id, None)
+                if tracked is not None:
+                    tracked.span.add_event("handed_off")
+                    tracked.span.end()
+            if not self._active:
+                self._idle.set()
+        else:
+            span = self._tracer.start_span(
+                "worker.generate", kind=SpanKind.CONSUMER,
+                attributes={"kunserve.request_id": event.request_id,
+                            "kunserve.instance_id": self.instance_id,
+                            "kunserve.adopted": True,
+                            "kunserve.num_prompt_tokens": event.num_prompt_tokens})
+            self._active[event.request_id] = _Tracked(span, event.num_prompt_tokens)
 
     # -- outgoing: the updates of requests that never reached the engine, request ends --------
     async def _publish(self, update: RequestUpdate) -> None:

@@ -40,9 +40,14 @@ class WorkerSettings(ServiceSettings):
     load_refresh_ms: int = Field(50, ge=1)  # load written at most this often while busy
     liveness_ttl_ms: int = Field(2000, ge=30)  # load key expiry; refreshed every ttl/3 idle
     drain_timeout_s: float = Field(5.0, ge=0)  # on stop: in-flight requests get this long
-    # before a step, the engine thread waits at most this long for the loop to publish what
-    # the last one produced (engine_thread.py: why they take turns); 0: they never wait
-    publish_turn_ms: float = Field(2.0, ge=0)
+    # policies.py: infercept swaps preempted KV to host memory, the others recompute it
+    policy: str = "kunserve"
+    # host memory for swapped KV under the infercept policy ("512MiB"); None: as much as
+    # the KV cache
+    swap_space: Annotated[int | None, BeforeValidator(_size_or_none)] = None
+    # where this worker's pipeline-group sockets listen (peers must reach it); "": the
+    # interface the host name resolves to (containers)
+    bind_host: str = "127.0.0.1"
 
     @field_validator("instance_id")
     @classmethod
@@ -59,4 +64,12 @@ class WorkerSettings(ServiceSettings):
                             memory_per_instance=self.memory_per_instance,
                             block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
-                            max_model_len=self.max_model_len, num_threads=self.threads)
+                            max_model_len=self.max_model_len, num_threads=self.threads,
+                            swap_bytes=self._swap_bytes())
+
+    def _swap_bytes(self) -> int:
+        from kunserve.policies import get_policy
+
+        if not get_policy(self.policy).swap:
+            return 0
+        return -1 if self.swap_space is None else self.swap_space

@@ -1,9 +1,14 @@
 """The planner process: every ``topology_poll_interval`` seconds, read the live loads, ask the
-pure decision code for the next topology, and publish it if there is one.
+pure membership rules for the next topology, and publish it if there is one, then hand the
+loads to the automatic planner (``auto_planner.py``: drop on overload, restore when calm);
+meanwhile answer ``Reconfigure`` requests on ``Subjects.RECONFIGURE`` through the coordinator.
+Every reconfiguration, admin or automatic, is recorded (``reconfiguration_recorder.py``).
 
-This is the only planner code that talks to Redis and NATS (through ``LoadReader`` and
-``TopologyPublisher``); decisions live in pure modules such as ``membership.py``. Redis or
-NATS trouble is logged and retried on the next poll; the loop ends when ``stop`` is set.
+This is where the planner meets Redis and NATS (through ``LoadReader``, ``TopologyPublisher``
+and ``ControlChannel``) and hosts the rendezvous TCPStore; decisions live in pure modules
+(``membership.py``, ``group_transitions.py``, ``reconfigure_validation.py``,
+``auto_policy.py``). Redis or NATS trouble is logged and retried on the next poll; the loop
+ends when ``stop`` is set.
 """
 
 from __future__ import annotations
@@ -11,68 +16,124 @@ from __future__ import annotations
 import asyncio
 import logging
 
+import msgspec
 import nats
-from nats.errors import Error as NatsError
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
+from kunserve.ledger import PlanLedger
+from kunserve.planner.auto_planner import AutoPlanner
+from kunserve.planner.auto_policy import AutoPolicy
+from kunserve.planner.control_channel import ControlChannel
 from kunserve.planner.load_reader import LoadReader
-from kunserve.planner.membership import next_topology
+from kunserve.planner.membership import Membership
+from kunserve.planner.migrator import Migrator
+from kunserve.planner.reconfiguration_coordinator import (
+    UNAVAILABLE,
+    PhaseTimeouts,
+    ReconfigurationCoordinator,
+)
+from kunserve.planner.reconfiguration_recorder import ReconfigurationRecorder
+from kunserve.planner.reconfigure_validation import BAD_REQUEST
 from kunserve.planner.settings import PlannerSettings
-from kunserve.planner.topology_publisher import TopologyPublisher
-from kunserve.protocol import Topology
+from kunserve.planner.static_pairs import StaticPairs
+from kunserve.planner.topology_publisher import TRANSIENT_ERRORS, TopologyPublisher
+from kunserve.policies import get_policy
+from kunserve.protocol import Reconfigure, ReconfigureReply, Subjects, Topology, decode, encode
 from kunserve.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
 
-_TRANSIENT = (RedisError, NatsError, OSError, asyncio.TimeoutError)
-
 
 class PlannerService:
-    def __init__(self, reader: LoadReader, publisher: TopologyPublisher, num_layers: int,
-                 poll_interval: float = 0.1, tracer=None) -> None:
+    def __init__(self, reader: LoadReader, publisher: TopologyPublisher, membership: Membership,
+                 coordinator: ReconfigurationCoordinator, nats: NATS,
+                 poll_interval: float = 0.1, recorder: ReconfigurationRecorder | None = None,
+                 auto: AutoPlanner | None = None) -> None:
         self.reader = reader
         self.publisher = publisher
-        self.num_layers = num_layers
+        self.membership = membership
+        self.coordinator = coordinator
+        self.nats = nats
         self.poll_interval = poll_interval
-        self.tracer = tracer
-        self.topology = Topology()
+        self.recorder = recorder or ReconfigurationRecorder(publisher)
+        self.auto = auto
+        self._requests: set[asyncio.Task] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
-        self.topology = await self.publisher.stored()
-        logger.info("planner up: topology epoch %d, %d instances", self.topology.epoch,
-                    len(self.topology.instances))
+        topology = await self.publisher.load_stored()
+        if self.auto is not None:
+            await self.auto.start(topology)
+        subscription = await self.nats.subscribe(Subjects.RECONFIGURE, cb=self._on_reconfigure)
+        logger.info("planner up: topology epoch %d, %d instances, automatic planning: %s",
+                    topology.epoch, len(topology.instances),
+                    type(self.auto).__name__ if self.auto is not None else "off")
+        try:
+            await self._poll_until(stop)
+        finally:
+            await subscription.unsubscribe()
+            for task in self._requests:  # a reconfiguration cut short: see membership's rules
+                task.cancel()
+            await asyncio.gather(*self._requests, return_exceptions=True)
+            if self.auto is not None:
+                await self.auto.close()
+
+    async def poll_once(self) -> Topology | None:
+        """Publish the next topology if membership changed, then let the automatic planner
+        look at the same loads; return the published topology (None: no change)."""
+        loads, reserved = await self.reader.live_figures()
+        published = await self.publisher.update(
+            lambda current: self.membership.next_topology(current, loads, self.coordinator.busy))
+        if self.auto is not None:
+            self.auto.observe(self.publisher.current, loads, reserved)
+        return published
+
+    async def answer(self, data: bytes) -> ReconfigureReply:
+        """The reply to one ``Reconfigure`` request."""
+        try:
+            request = decode(data, Reconfigure)
+        except msgspec.DecodeError as exc:
+            return ReconfigureReply(ok=False, status=BAD_REQUEST,
+                                    error=f"unreadable Reconfigure: {exc}")
+        try:
+            return await self.recorder.recorded(
+                request.action, "admin", lambda: self.coordinator.reconfigure(request),
+                members=request.instances,
+                figures={"instances": request.instances, "group": request.group})
+        except TRANSIENT_ERRORS as exc:
+            logger.warning("reconfiguration %s failed: %r", request, exc)
+            return ReconfigureReply(ok=False, status=UNAVAILABLE,
+                                    error=f"the planner lost Redis or NATS: {exc!r}")
+
+    async def _poll_until(self, stop: asyncio.Event) -> None:
         failing = False
         while not stop.is_set():
             try:
                 await self.poll_once()
                 failing = False
-            except _TRANSIENT as exc:
+            except TRANSIENT_ERRORS as exc:
                 if not failing:  # one line per outage, not one per poll
                     logger.warning("planner poll failed, retrying: %r", exc)
                 failing = True
             await _sleep_unless(stop, self.poll_interval)
 
-    async def poll_once(self) -> Topology | None:
-        """Publish the next topology if the live set changed; return it (None: no change)."""
-        loads = await self.reader.live_loads()
-        topology = next_topology(self.topology, loads.keys(), self.num_layers)
-        if topology is None:
-            return None
-        await self._publish(topology)
-        return topology
+    async def _on_reconfigure(self, msg: Msg) -> None:
+        # a task per request: a reconfiguration takes seconds, others must not wait behind it
+        task = asyncio.create_task(self._respond(msg))
+        self._requests.add(task)
+        task.add_done_callback(self._requests.discard)
 
-    async def _publish(self, topology: Topology) -> None:
-        ids = [info.instance_id for info in topology.instances]
-        if self.tracer is None:
-            await self.publisher.publish(topology)
-        else:
-            with self.tracer.start_as_current_span("planner.topology") as span:
-                span.set_attribute("kunserve.epoch", topology.epoch)
-                span.set_attribute("kunserve.instances", ids)
-                await self.publisher.publish(topology)
-        self.topology = topology
-        logger.info("topology epoch %d: %s", topology.epoch, ", ".join(ids) or "no instances")
+    async def _respond(self, msg: Msg) -> None:
+        try:
+            reply = await self.answer(msg.data)
+        except Exception as exc:  # a bug: the requester still gets an answer, not a timeout
+            logger.exception("reconfiguration failed")
+            reply = ReconfigureReply(ok=False, status=500, error=f"planner error: {exc!r}")
+        try:
+            await msg.respond(encode(reply))
+        except TRANSIENT_ERRORS as exc:
+            logger.warning("could not answer a reconfiguration (%r): %s", exc, reply)
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -93,18 +154,58 @@ def layer_count(model: str | None) -> int:
 
 
 async def serve(settings: PlannerSettings, stop: asyncio.Event) -> None:
-    """Connect, run until ``stop``, disconnect."""
+    """Connect, host the rendezvous store, run until ``stop``, disconnect."""
+    from kunserve.planner.rendezvous_store import RendezvousStore  # imports torch
+
     num_layers = layer_count(settings.model)
+    store = RendezvousStore(settings.store_host)
     redis = Redis.from_url(settings.redis_url, decode_responses=True)
     nc = await nats.connect(settings.nats_url, name="kunserve-planner",
                             max_reconnect_attempts=-1)
     provider = setup_tracing("kunserve-planner", settings.otel_exporter, settings.otel_endpoint)
-    service = PlannerService(LoadReader(redis), TopologyPublisher(redis, nc), num_layers,
-                             settings.topology_poll_interval,
-                             tracer=provider.get_tracer("kunserve.planner"))
+    publisher = TopologyPublisher(redis, nc, tracer=provider.get_tracer("kunserve.planner"))
+    timeouts = PhaseTimeouts(prepare_s=settings.prepare_timeout,
+                             commit_s=settings.commit_timeout,
+                             restore_s=settings.restore_timeout)
+    coordinator = ReconfigurationCoordinator(ControlChannel(nc), publisher, store.address,
+                                             num_layers, timeouts)
+    ledger = await _open_ledger(settings.database_url)
+    recorder = ReconfigurationRecorder(publisher, redis, ledger,
+                                       provider.get_tracer("kunserve.planner"))
+    policy = get_policy(settings.policy)
+    auto: AutoPlanner | StaticPairs | Migrator | None = None
+    if policy.static_pairs:
+        auto = StaticPairs(coordinator, recorder)
+    elif policy.migrate:
+        auto = Migrator(coordinator)
+    elif policy.auto_drop and settings.auto_drop:
+        auto = AutoPlanner(AutoPolicy(settings.auto_settings(), num_layers), coordinator,
+                           recorder, redis)
+    logger.info("policy %s", policy.name)
+    service = PlannerService(LoadReader(redis), publisher, Membership(num_layers), coordinator,
+                             nc, settings.topology_poll_interval, recorder, auto)
+    logger.info("rendezvous store at %s:%d", store.address.host, store.address.port)
     try:
         await service.run(stop)
     finally:
         await nc.drain()
         await redis.aclose()
+        if ledger is not None:
+            await ledger.close()
         provider.shutdown()
+
+
+async def _open_ledger(url: str | None) -> PlanLedger | None:
+    """The ledger's ``plans`` writer; None (logged) when none is configured or it cannot be
+    opened: the planner plans without it."""
+    if not url:
+        logger.info("no KUNSERVE_DATABASE_URL: reconfigurations are not kept in a ledger")
+        return None
+    ledger = PlanLedger(url)
+    try:
+        await ledger.start()
+    except Exception as exc:
+        logger.warning("cannot open the ledger (%r): reconfigurations are not kept", exc)
+        await ledger.close()
+        return None
+    return ledger

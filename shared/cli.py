@@ -10,6 +10,7 @@ import json
 import os
 import sys
 
+from kunserve.policies import POLICIES
 from kunserve.sizes import parse_size
 
 
@@ -126,13 +127,47 @@ def _run_generate(args: argparse.Namespace) -> int:
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="benchmarks that print a side-by-side table")
     bench = p.add_subparsers(dest="bench", required=True)
+    from kunserve.bench import compare as compare_bench
+    from kunserve.bench import drop as drop_bench
     from kunserve.bench import engine as engine_bench
     from kunserve.bench import mesh as mesh_bench
     from kunserve.bench import pipeline as pipeline_bench
+    from kunserve.bench import plan as plan_bench
+    from kunserve.bench import replay as replay_bench
 
+    drop_bench.add_parser(bench)
     engine_bench.add_parser(bench)
     mesh_bench.add_parser(bench)
     pipeline_bench.add_parser(bench)
+    plan_bench.add_parser(bench)
+    replay_bench.add_parser(bench)  # bench run
+    compare_bench.add_parser(bench)
+
+
+def _add_profile(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("profile", help="measure step times, fit the cost model lookahead "
+                                       "micro-batching uses, save it next to the model",
+                       description="--threads defaults to 1 here, as a worker's does")
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint directory")
+    p.add_argument("--output", default=None,
+                   help="where to write it (default: <model>/kunserve-cost-model.json)")
+    p.add_argument("--mixed-batches", type=int, default=60,
+                   help="random mixed prefill/decode batches besides the grid")
+    p.add_argument("--repeats", type=int, default=5, help="runs per batch; the fastest counts")
+    p.add_argument("--held-out-every", type=int, default=4,
+                   help="every k-th batch is kept out of the fit to measure the error")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write every measurement to this file")
+    _add_engine_flags(p)
+    p.set_defaults(func=_run_profile, threads=1)
+
+
+def _run_profile(args: argparse.Namespace) -> int:
+    from kunserve.profile import run
+
+    return run(engine_config_from_args(args), output=args.output,
+               num_mixed=args.mixed_batches, repeats=args.repeats,
+               held_out_every=args.held_out_every, seed=args.seed, json_path=args.json)
 
 
 def _add_up(sub: argparse._SubParsersAction) -> None:
@@ -150,6 +185,10 @@ def _add_up(sub: argparse._SubParsersAction) -> None:
                    help="torch threads per worker (default: cores // instances)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="seconds to wait for everything to be ready")
+    p.add_argument("--policy", default=None, choices=list(POLICIES),
+                   help="how the cluster answers a KV burst (default: $KUNSERVE_POLICY, else "
+                        "kunserve: drop parameters); the others are the baselines of the "
+                        "burst benchmark")
     p.set_defaults(func=_run_up)
 
 
@@ -159,7 +198,7 @@ def _run_up(args: argparse.Namespace) -> int:
     return run_up(model=args.model, instances=args.instances, host=args.host, port=args.port,
                   memory_per_instance=args.memory_per_instance,
                   threads_per_worker=args.threads_per_worker,
-                  startup_timeout=args.startup_timeout)
+                  startup_timeout=args.startup_timeout, policy=args.policy)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -168,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_make_tiny_model(sub)
     _add_generate(sub)
     _add_bench(sub)
+    _add_profile(sub)
     _add_up(sub)
     return parser
 

@@ -38,6 +38,7 @@ import httpx
 import redis
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from kunserve.policies import DEFAULT_POLICY, get_policy
 from kunserve.protocol import RedisKeys, Topology, decode
 from kunserve.servers import ServerError, ServerProcess, start_nats, start_redis
 
@@ -46,6 +47,7 @@ TINY_MODEL_NAME = "tiny-llama"
 TINY_MODEL = dict(arch="llama", layers=4, hidden_size=256, heads=4, kv_heads=2,
                   intermediate_size=704, vocab_size=1024, seed=0)
 STOP_ORDER = ("gateway", "router", "worker", "planner")
+READY_PREFIX = "kunserve ready:"  # the line that says the stack serves (scripts wait for it)
 _TAIL_LINES = 20
 
 
@@ -59,6 +61,7 @@ class LauncherSettings(BaseSettings):
     redis_url: str | None = None
     database_url: str | None = None
     admin_token: str | None = None
+    policy: str = DEFAULT_POLICY
     cache_dir: Path = Path("~/.cache/kunserve")
     state_dir: Path = Path("~/.local/state/kunserve")
 
@@ -78,6 +81,7 @@ class UpConfig:
     state_dir: Path
     nats_url: str | None = None
     redis_url: str | None = None
+    policy: str = DEFAULT_POLICY  # policies.py: how the cluster answers a KV burst
     startup_timeout: float = 600.0
     drain_timeout: float = 30.0  # the gateway's, to finish in-flight requests
     stop_timeout: float = 10.0  # every other child's
@@ -94,7 +98,7 @@ class UpConfig:
 def up_config(*, model: str | None = None, instances: int = 2, host: str = "127.0.0.1",
               port: int = 8000, memory_per_instance: int | None = None,
               threads_per_worker: int | None = None, startup_timeout: float = 600.0,
-              settings: LauncherSettings | None = None) -> UpConfig:
+              policy: str | None = None, settings: LauncherSettings | None = None) -> UpConfig:
     """The launch configuration: flags, then ``KUNSERVE_*`` environment, then defaults."""
     env = settings or LauncherSettings()
     if instances < 1:
@@ -106,6 +110,7 @@ def up_config(*, model: str | None = None, instances: int = 2, host: str = "127.
         from kunserve.worker.model_config import ModelConfig
 
         ModelConfig.from_dir(model)  # a missing or bad checkpoint: say so before starting
+    policy = get_policy(policy or env.policy).name  # an unknown name: say so before starting
     state_dir = env.state_dir.expanduser().resolve()
     token = env.admin_token or secrets.token_urlsafe(24)
     return UpConfig(
@@ -115,7 +120,8 @@ def up_config(*, model: str | None = None, instances: int = 2, host: str = "127.
         database_url=env.database_url or f"sqlite+aiosqlite:///{state_dir / 'ledger.db'}",
         admin_token=token, admin_token_generated=not env.admin_token,
         cache_dir=env.cache_dir.expanduser().resolve(), state_dir=state_dir,
-        nats_url=env.nats_url, redis_url=env.redis_url, startup_timeout=startup_timeout)
+        nats_url=env.nats_url, redis_url=env.redis_url, policy=policy,
+        startup_timeout=startup_timeout)
 
 
 def run_up(**flags) -> int:
@@ -136,7 +142,8 @@ class ChildSpec:
 def plan_children(config: UpConfig, model_dir: str, nats_url: str,
                   redis_url: str) -> list[ChildSpec]:
     """Planner, router, workers, gateway (start order), with their settings."""
-    common = {"KUNSERVE_NATS_URL": nats_url, "KUNSERVE_REDIS_URL": redis_url}
+    common = {"KUNSERVE_NATS_URL": nats_url, "KUNSERVE_REDIS_URL": redis_url,
+              "KUNSERVE_POLICY": config.policy}
     planner = {**common, "KUNSERVE_MODEL": model_dir}  # the router needs no model
     worker = {**planner, "KUNSERVE_THREADS": str(config.threads_per_worker)}
     if config.memory_per_instance is not None:
@@ -147,7 +154,9 @@ def plan_children(config: UpConfig, model_dir: str, nats_url: str,
     workers = [ChildSpec(f"worker-{i}", "worker",
                          {**worker, "KUNSERVE_INSTANCE_ID": f"worker-{i}"})
                for i in range(config.instances)]
-    return [ChildSpec("planner", "planner", planner), ChildSpec("router", "router", common),
+    planner_env = {**planner, "KUNSERVE_DATABASE_URL": config.database_url}  # plans table
+    return [ChildSpec("planner", "planner", planner_env),
+            ChildSpec("router", "router", common),
             *workers, ChildSpec("gateway", "gateway", gateway)]
 
 
@@ -245,8 +254,8 @@ class Launcher:
             return 1
         if self.config.admin_token_generated:
             self._say(f"admin token: {self.config.admin_token}")
-        print(f"kunserve ready: {self.config.url} ({self.config.instances} instances)",
-              file=self.out, flush=True)
+        print(f"{READY_PREFIX} {self.config.url} ({self.config.instances} instances, "
+              f"policy {self.config.policy})", file=self.out, flush=True)
         return self._supervise()
 
     def _on_signal(self, signum, frame) -> None:

@@ -14,6 +14,9 @@ Any SQLAlchemy async URL works; SQLite (``aiosqlite``) and PostgreSQL (``asyncpg
 
 Where its job ends: it stores what it is told. It does not decide request status (the gateway
 does) and it is not read on the request path; ``get`` is for admin and tests.
+
+The ``plans`` table (``PlanRecord``) holds one row per drop or restore the planner ran, written
+by ``PlanLedger``: a handful of rows per burst, so each is one awaited INSERT, no batching.
 """
 
 from __future__ import annotations
@@ -26,7 +29,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Double, Integer, String, Text, bindparam, event, insert, update
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Double,
+    Integer,
+    String,
+    Text,
+    bindparam,
+    event,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -51,8 +66,7 @@ class RequestStatus(StrEnum):
 
 
 class LedgerBase(DeclarativeBase):
-    """Every ledger table. ``start`` creates them all, so a later ``plans`` table (one row
-    per drop/restore plan) only has to subclass this."""
+    """Every ledger table (``requests``, ``plans``). ``start`` creates them all."""
 
 
 class RequestRecord(LedgerBase):
@@ -74,6 +88,33 @@ class RequestRecord(LedgerBase):
 
 
 _COLUMNS = tuple(c.key for c in RequestRecord.__table__.columns)
+
+
+class PlanRecord(LedgerBase):
+    """One reconfiguration the planner ran (a plan with several new groups: one row each,
+    sharing ``plan_id``)."""
+
+    __tablename__ = "plans"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    plan_id: Mapped[str] = mapped_column(String(64), index=True)
+    epoch: Mapped[int] = mapped_column(Integer, index=True)  # the topology's after it
+    time: Mapped[float] = mapped_column(Double, index=True)  # wall clock at its start, seconds
+    action: Mapped[str] = mapped_column(String(16))  # drop | restore
+    trigger: Mapped[str] = mapped_column(String(16))  # auto | admin
+    group_id: Mapped[str] = mapped_column(String(128), default="")
+    members: Mapped[list] = mapped_column(JSON, default=list)
+    figures: Mapped[dict] = mapped_column(JSON, default=dict)  # what triggered it
+    groups_before: Mapped[list] = mapped_column(JSON, default=list)  # [[member, ...], ...]
+    groups_after: Mapped[list] = mapped_column(JSON, default=list)
+    phase_seconds: Mapped[dict] = mapped_column(JSON, default=dict)  # prepare, commit, restore
+    plan_seconds: Mapped[float | None] = mapped_column(Double)  # computing the plan
+    duration_s: Mapped[float] = mapped_column(Double, default=0.0)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok | failed
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+_PLAN_COLUMNS = tuple(c.key for c in PlanRecord.__table__.columns)
 
 
 @dataclass
@@ -265,6 +306,53 @@ class Ledger:
                 self.lost_writes += len(params) - result.rowcount
                 logger.warning("ledger: %d updates named requests it never recorded",
                                len(params) - result.rowcount)
+
+
+class PlanLedger:
+    """The planner's writer of ``plans`` rows: ``await start()``, ``await record(...)`` per
+    reconfiguration, ``await close()``. ``record`` never raises for database trouble (the
+    reconfiguration happened whatever the ledger says): it logs and counts ``lost_writes``."""
+
+    _CREATE_ATTEMPTS, _CREATE_RETRY_S = 3, 0.5
+
+    def __init__(self, url: str = DEFAULT_URL, *, schema: str | None = None) -> None:
+        self.url = url
+        self.lost_writes = 0
+        self._base_engine = create_async_engine(url)
+        self._engine = _configure(self._base_engine, schema)
+        self._sessions = async_sessionmaker(self._engine, expire_on_commit=False)
+
+    async def start(self) -> None:
+        """Create the tables if missing (retried: the gateway may be creating them too)."""
+        _make_sqlite_parent(self.url)
+        for attempt in range(self._CREATE_ATTEMPTS):
+            try:
+                async with self._engine.begin() as conn:
+                    await conn.run_sync(LedgerBase.metadata.create_all)
+                return
+            except Exception:
+                if attempt == self._CREATE_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(self._CREATE_RETRY_S)
+
+    async def record(self, **values: Any) -> None:
+        """Insert one row (``PlanRecord`` columns)."""
+        try:
+            async with self._sessions.begin() as session:
+                await session.execute(insert(PlanRecord), [values])
+        except Exception:
+            self.lost_writes += 1
+            logger.warning("ledger: lost a plan record (%s %s)", values.get("action"),
+                           values.get("group_id"), exc_info=True)
+
+    async def plans(self) -> list[dict]:
+        """Every row, oldest first, as dicts."""
+        async with self._sessions() as session:
+            rows = (await session.scalars(select(PlanRecord).order_by(PlanRecord.id))).all()
+        return [{name: getattr(row, name) for name in _PLAN_COLUMNS} for row in rows]
+
+    async def close(self) -> None:
+        await self._base_engine.dispose()
 
 
 def _fold(batch: list[_Record]) -> dict[str, _Row]:

@@ -10,6 +10,18 @@ Request flow::
     router  --GenerateRequest--> kunserve.worker.<id>.generate (instance_id filled in)
     worker  --RequestUpdate----> kunserve.updates.<request_id> (accepted, then one per step)
     gateway --AbortRequest-----> kunserve.abort                (every worker; the owner acts)
+
+Reconfiguration (DESIGN §4; request/reply, the reply is the outcome)::
+
+    gateway -----Reconfigure-------> kunserve.planner.reconfigure  (admin drop/restore)
+    planner -----ControlCommand----> kunserve.control.<id>         (PrepareGroup, CommitGroup,
+                                                                    AbortGroup, RestoreGroup)
+    worker  -----ControlReply------> (the request's reply inbox)
+
+A drop is two-phase: ``PrepareGroup`` to every member (each forms the epoch's process group
+through the TCPStore named in the plan and answers), then ``CommitGroup`` to every member
+when all answered ok, else ``AbortGroup`` (everyone stays solo). A restore is one
+``RestoreGroup`` to every member; each answers once it serves solo again.
 """
 
 from __future__ import annotations
@@ -40,12 +52,16 @@ class Subjects:
     def control(instance_id: str) -> str:
         return f"kunserve.control.{instance_id}"
 
+    RECONFIGURE = "kunserve.planner.reconfigure"
+
 
 class RedisKeys:
     """Load is written by each worker, reservations by routers, topology by the planner."""
 
     INSTANCES = "kunserve:instances"  # set of instance ids ever registered
     TOPOLOGY = "kunserve:topology"  # JSON Topology, owned by the planner
+    PLANNER_STATS = "kunserve:planner:stats"  # hash of PlannerStats counters (the planner's)
+    AUTO_GROUPS = "kunserve:planner:auto-groups"  # set: groups the planner dropped by itself
 
     @staticmethod
     def load(instance_id: str) -> str:  # hash of InstanceLoad fields, expires (liveness)
@@ -112,12 +128,38 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
     block_size: int = 16
     queued_tokens: int = 0  # prompt tokens of waiting requests not yet computed
     num_preemptions: int = 0
+    num_swaps: int = 0  # preemptions that swapped KV to host memory (infercept policy)
+    swap_bytes: int = 0  # KV bytes copied to and from host memory so far
+    swap_seconds: float = 0.0  # time those copies took
     epoch: int = 0
     updated_at: float = 0.0
+    # what this instance holds (GET /v1/cluster): its place in the topology and its memory
+    state: str = "solo"  # solo | preparing | pipelined | restoring
+    group_id: str = ""
+    stage: int = 0
+    layer_start: int = 0
+    layer_end: int = 0
+    parameter_bytes: int = 0
+    kv_bytes: int = 0
+    budget_bytes: int = 0
+    reserve_bytes: int = 0
 
     @property
     def kv_usage(self) -> float:
         return self.blocks_used / self.blocks_total if self.blocks_total else 0.0
+
+
+class PlannerStats(msgspec.Struct, kw_only=True):
+    """The planner's counters (``RedisKeys.PLANNER_STATS``), exported by the gateway's
+    ``/metrics`` as ``kunserve:drops_total``, ``kunserve:restores_total`` and
+    ``kunserve:plan_seconds``."""
+
+    drops_ok: int = 0  # groups formed (automatic and admin drops)
+    drops_failed: int = 0  # drops started that left the members solo
+    restores_ok: int = 0
+    restores_failed: int = 0
+    plans: int = 0  # drop plans computed by the automatic planner
+    plan_seconds_sum: float = 0.0  # time spent computing them
 
 
 class InstanceInfo(msgspec.Struct, kw_only=True):
@@ -132,6 +174,75 @@ class InstanceInfo(msgspec.Struct, kw_only=True):
 class Topology(msgspec.Struct, kw_only=True):
     epoch: int = 0
     instances: list[InstanceInfo] = []
+
+
+# -- reconfiguration ---------------------------------------------------------------------------
+class GroupPlan(msgspec.Struct, kw_only=True):
+    """One group's reconfiguration as every member gets it."""
+
+    epoch: int  # the topology epoch that announced the reconfiguration (names the group's link)
+    group_id: str
+    members: list[str]  # rank order: members[0] is the leader (stage 0)
+    store_host: str  # the TCPStore the members meet at (the planner hosts it)
+    store_port: int
+    timeout_s: float = 30.0  # a member that does not answer within this fails the phase
+
+
+class PrepareGroup(msgspec.Struct, tag=True, kw_only=True):
+    plan: GroupPlan
+
+
+class CommitGroup(msgspec.Struct, tag=True, kw_only=True):
+    epoch: int
+    group_id: str
+
+
+class AbortGroup(msgspec.Struct, tag=True, kw_only=True):
+    epoch: int
+    group_id: str
+    reason: str = ""
+
+
+class RestoreGroup(msgspec.Struct, tag=True, kw_only=True):
+    epoch: int  # the topology epoch that announced the restore
+    group_id: str
+
+
+class MigrateRequests(msgspec.Struct, tag=True, kw_only=True):
+    """To both members of a prepared 2-member plan (the llumnix policy): members[0] hands
+    running requests holding up to ``blocks`` KV blocks, with their KV, to members[1]."""
+
+    epoch: int
+    group_id: str
+    blocks: int
+
+
+ControlCommand = PrepareGroup | CommitGroup | AbortGroup | RestoreGroup | MigrateRequests
+
+
+class ControlReply(msgspec.Struct, kw_only=True):
+    instance_id: str
+    ok: bool
+    error: str | None = None
+    seconds: float = 0.0  # how long this member took for the phase
+
+
+class Reconfigure(msgspec.Struct, kw_only=True):
+    """Admin command to the planner: merge ``instances`` (all live ones when empty) into one
+    group, or split ``group`` back into solo instances."""
+
+    action: str  # drop | restore
+    instances: list[str] = []
+    group: str = ""
+
+
+class ReconfigureReply(msgspec.Struct, kw_only=True):
+    ok: bool
+    status: int = 200  # the HTTP status the gateway answers with (400, 409, 503 on failure)
+    error: str | None = None
+    epoch: int = 0
+    group: str = ""
+    phase_seconds: dict[str, float] = {}  # e.g. prepare, commit, restore
 
 
 def encode(message: msgspec.Struct) -> bytes:

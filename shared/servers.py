@@ -58,15 +58,21 @@ class ServerProcess:
     workdir: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
     def stop(self, timeout: float = 5.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
         if self.workdir is not None:
             self.workdir.cleanup()
+
+
+def stop_process(process: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, name: str, timeout: float) -> None:

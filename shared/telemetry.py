@@ -49,5 +49,12 @@ def extract_context(headers: dict[str, str] | None) -> Context:
     return propagate.extract(headers or {})
 
 
-def tracer(provider: TracerProvider, name: str) -> trace.Tracer:
+def request_tracer(provider: TracerProvider, name: str, exporter: str,
+                   span_exporter: SpanExporter | None) -> trace.Tracer:
+    """The tracer for a service's request path. When no span goes anywhere (exporter ``none``
+    and no test exporter) it is a no-op: building and ending spans costs ~0.2-0.5 ms of CPU per
+    request on each service, and on 2 cores that lands on the time to first token. A no-op
+    tracer's spans still carry a received trace context on to the next service."""
+    if exporter == "none" and span_exporter is None:
+        return trace.NoOpTracer()
     return provider.get_tracer(name)

@@ -31,8 +31,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import nats
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from kunserve.protocol import RedisKeys
 from kunserve.servers import ServerProcess, start_nats, start_redis
@@ -69,6 +71,21 @@ def mesh_model_dir(tmp_path_factory) -> str:
     from kunserve.tiny_model import make_tiny_model
 
     return str(make_tiny_model(tmp_path_factory.mktemp("mesh-model") / "tiny", **MESH_MODEL))
+
+
+@pytest.fixture
+async def nc(nats_server):
+    """A NATS client on this test's server."""
+    client = await nats.connect(nats_server.url)
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def rclient(redis_url):
+    client = aioredis.from_url(redis_url)
+    yield client
+    await client.aclose()
 
 
 def service_env(nats_url: str, redis_url: str, **settings: object) -> dict[str, str]:

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import psutil
+
+from kunserve.servers import free_port
 
 
 class Up:
@@ -69,3 +76,23 @@ def alive(process: psutil.Process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+@contextmanager
+def running_stack(model_dir: str, state_dir: Path, instances: int = 2,
+                  timeout: float = 240, **settings: object) -> Iterator[tuple[Up, str]]:
+    """``kunserve up --model model_dir --instances N`` on a free port, its state (ledger, logs)
+    in ``state_dir``; yields the launcher and the gateway's URL once ready, stops it at exit.
+    ``settings``: ``KUNSERVE_<NAME>`` variables for every service (``admin_token="t"``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUNSERVE_")}
+    env.update(KUNSERVE_STATE_DIR=str(state_dir), HF_HUB_OFFLINE="1")
+    env.update({f"KUNSERVE_{k.upper()}": str(v) for k, v in settings.items()})
+    port = free_port()
+    up = Up([sys.executable, "-m", "kunserve.cli", "up", "--model", model_dir,
+             "--instances", str(instances), "--port", str(port)], env)
+    try:
+        up.wait_for_line("kunserve ready:", timeout=timeout)
+        yield up, f"http://127.0.0.1:{port}"
+    finally:
+        up.process.terminate()
+        up.finish(timeout=60)

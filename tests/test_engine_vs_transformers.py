@@ -54,6 +54,40 @@ def test_recompute_preemption_keeps_outputs_exact(model_dirs, references):
     assert [r.token_ids for r in results] == expected
 
 
+@pytest.mark.parametrize("host_blocks", [64, 3], ids=["room-for-all", "host-fills-up"])
+def test_swap_preemption_keeps_outputs_exact_and_resumes_without_recompute(
+        model_dirs, references, host_blocks):
+    """The infercept policy's preemption: the victim's KV goes to host memory and comes back.
+    With room on the host nothing is recomputed; when the host fills up, preemption falls back
+    to recompute. Either way the tokens are transformers'."""
+    probe = LLMEngine(EngineConfig(model=model_dirs["llama-gqa"]))
+    m = probe.memory
+    small = m.parameter_bytes + m.reserve_bytes + 12 * m.block_bytes
+    engine = LLMEngine(EngineConfig(model=model_dirs["llama-gqa"], memory_per_instance=small,
+                                    swap_bytes=host_blocks * m.block_bytes))
+    computed = []
+    execute = engine.runner.execute
+
+    def counting(out):  # every prompt token computed, to catch recomputation
+        computed.append(sum(c.num_tokens for c in out.chunks))
+        return execute(out)
+
+    engine.runner.execute = counting
+    prompts, expected = references["llama-gqa"]
+    results = engine.generate(prompts, GREEDY)
+    assert [r.token_ids for r in results] == expected
+    scheduler, swap = engine.scheduler, engine.runner.swap_spaces[0]
+    assert scheduler.num_swaps > 0 and swap.bytes_copied > 0 and swap.bandwidth > 0
+    assert scheduler.host_blocks.usage().used == 0  # every host block came back
+    needed = sum(len(p) + MAX_TOKENS - 1 for p in prompts)  # each token computed once
+    if host_blocks == 64:
+        assert scheduler.num_preemptions == scheduler.num_swaps
+        assert sum(computed) == needed
+    else:
+        assert scheduler.num_preemptions > scheduler.num_swaps
+        assert sum(computed) > needed
+
+
 def test_logits_match_transformers_to_1e4(llama_dir):
     engine = LLMEngine(EngineConfig(model=llama_dir, max_num_batched_tokens=7, num_stages=2))
     recorded: dict[str, list[torch.Tensor]] = {}

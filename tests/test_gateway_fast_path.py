@@ -36,7 +36,8 @@ async def test_per_token_work_is_small(tmp_path):
                              TracerProvider().get_tracer("t").start_span("s"))
     request = GenerateRequest(request_id="r", prompt_token_ids=[1, 2, 3],
                               sampling=Sampling(max_tokens=n))
-    generation = Generation(request, MagicMock(), tracker, admission.try_admit(3), 5, 5)
+    generation = Generation(request, MagicMock(), tracker, admission.try_admit(3), 5, 5,
+                            max_failovers=0)
     for i in range(n):
         last = i == n - 1
         generation._inbox.put_nowait(encode(RequestUpdate(

@@ -1,70 +1,119 @@
-"""The group's block naming and swap plan, checked by simulating the bytes: after every member
-re-reads its blocks and performs its swaps, each group block id holds, on every member, that
-member's layers of the same tokens."""
+"""The drop and restore layouts, checked by simulating the bytes.
+
+Each member's storage is a list of cells of one layer of one block (what a block of ``n``
+layers is made of: ``n`` consecutive cells). A cell's content is the (request, token block,
+layer) it holds. Every member packs what its pieces send, re-reads its storage with the new
+geometry and writes what it receives, as ``kv_transfer.py`` does; afterwards every block of
+every request must hold, on every member, that member's layers of the right tokens."""
 
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kunserve.worker.group_layout import (
-    check_divisible,
-    exchange_plan,
-    free_group_blocks,
-    group_block,
-    group_block_table,
-    group_num_blocks,
+    assign_requests,
+    drop_layout,
+    restore_pieces,
+    solo_tables,
+    stages,
 )
 
 
-def simulate(group_size: int, solo_blocks: int, used: list[set[int]]) -> list[dict[int, tuple]]:
-    """Local blocks of every member after re-read and swaps; a block's content is
-    (owner member, solo block, stage whose layers it holds)."""
-    local = [{b * group_size + j: (m, b, j) for b in range(solo_blocks)
-              for j in range(group_size)} for m in range(group_size)]
-    plans = [exchange_plan(m, group_size, used) for m in range(group_size)]
-    sent = {}  # (from, to, slot on sender) -> content, all sends happen before receives
-    for m, plan in enumerate(plans):
-        for ex in plan:
-            for block in ex.send_blocks:
-                sent[(m, ex.peer, block)] = local[m][block]
-    for m, plan in enumerate(plans):
-        for ex in plan:
-            for block in ex.recv_blocks:
-                solo, _ = divmod(block, group_size)
-                local[m][block] = sent[(ex.peer, m, solo * group_size + m)]
-    return local
+def move(storages, pieces, old_layers, new_layers):
+    """Apply ``pieces``: ``old_layers[m]`` / ``new_layers[m]`` = (first layer, layers per
+    block) of member m's geometry before and after."""
+    packed = []
+    for piece in pieces:
+        start, per_block = old_layers[piece.src]
+        cells = [storages[piece.src].get(b * per_block + layer - start)
+                 for b in piece.src_blocks for layer in range(piece.layer_start,
+                                                              piece.layer_end)]
+        packed.append(cells)
+    for piece, cells in zip(pieces, packed, strict=True):
+        start, per_block = new_layers[piece.dst]
+        it = iter(cells)
+        for b in piece.dst_blocks:
+            for layer in range(piece.layer_start, piece.layer_end):
+                storages[piece.dst][b * per_block + layer - start] = next(it)
 
 
-@given(st.integers(2, 4), st.integers(1, 6), st.data())
-def test_every_used_group_block_holds_each_members_layers_of_the_same_tokens(g, n, data):
-    used = [data.draw(st.sets(st.integers(0, n - 1))) for _ in range(g)]
-    local = simulate(g, n, used)
-    for owner in range(g):
-        for solo in used[owner]:
-            gid = group_block(owner, solo, g)
-            for member in range(g):
-                assert local[member][gid] == (owner, solo, member)
+def solo_storage(tables, num_layers):
+    return {b * num_layers + layer: (rid, k, layer)
+            for rid, table in tables.items() for k, b in enumerate(table)
+            for layer in range(num_layers)}
 
 
-def test_plans_are_symmetric_and_skip_unused_blocks():
-    used = [{0, 2}, {1}, set()]
-    plans = {m: {e.peer: e for e in exchange_plan(m, 3, used)} for m in range(3)}
-    assert plans[0][1].send_blocks == (1, 7) and plans[0][1].recv_blocks == (4,)
-    assert plans[1][0].send_blocks == (3,) and plans[1][0].recv_blocks == (0, 6)
-    assert plans[0][2].recv_blocks == () and plans[0][2].send_blocks == (2, 8)
-    assert (plans[2][1].send_blocks, plans[2][1].recv_blocks) == ((), (4,))
+def random_tables(data, member, num_blocks, max_requests=3):
+    free = list(range(num_blocks))
+    data.draw(st.randoms()).shuffle(free)
+    tables = {}
+    for i in range(data.draw(st.integers(0, max_requests))):
+        n = data.draw(st.integers(1, 3))
+        if n > len(free):
+            break
+        tables[f"m{member}-r{i}"], free = free[:n], free[n:]
+    return tables
 
 
-def test_tables_capacity_and_free_list():
-    assert group_block_table(1, [0, 3], 2) == [1, 7]
-    assert group_num_blocks(10, 2, [7, 5]) == 25
-    free = free_group_blocks(2, 2, [{0}, {1}], num_blocks=6)
-    assert free == [1, 2, 4, 5]  # 0 = member 0's block 0, 3 = member 1's block 1
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 4), st.integers(2, 9), st.integers(2, 8), st.data())
+def test_drop_then_restore_keeps_every_slice(g, num_layers, solo_blocks, data):
+    if num_layers < g:
+        num_layers = g
+    tables = [random_tables(data, m, solo_blocks) for m in range(g)]
+    ranges = stages(num_layers, g)
+    # the same bytes re-read as thinner blocks, plus the freed parameters' (any amount that
+    # holds every member's KV: here a solo cache's worth)
+    capacity = [2 * solo_blocks * num_layers // r.size for r in ranges]
+    layout = drop_layout(num_layers, tables, capacity)
+    assert layout.zero_copy == (num_layers % g == 0)
+    storages = [solo_storage(t, num_layers) for t in tables]
+    move(storages, layout.pieces, [(0, num_layers)] * g, [(r.start, r.size) for r in ranges])
+    for rid, table in layout.tables.items():
+        for k, block in enumerate(table):
+            for member, r in enumerate(ranges):
+                for layer in range(r.start, r.end):
+                    assert storages[member][block * r.size + layer - r.start] == (rid, k, layer)
+    if layout.zero_copy:  # a member's own slice never moves
+        assert all(p.src != p.dst for p in layout.pieces)
+
+    needed = {rid: len(t) for rid, t in layout.tables.items()}
+    assignment = assign_requests(needed, g, solo_blocks)
+    new_tables = solo_tables(layout.tables, assignment)
+    pieces = restore_pieces(num_layers, g, layout.tables, assignment, new_tables)
+    move(storages, pieces, [(r.start, r.size) for r in ranges], [(0, num_layers)] * g)
+    for rid, table in new_tables.items():
+        member = assignment[rid]
+        assert max(table, default=-1) < solo_blocks
+        for k, block in enumerate(table):
+            for layer in range(num_layers):
+                assert storages[member][block * num_layers + layer] == (rid, k, layer)
 
 
-def test_uneven_layer_counts_are_refused_with_the_reason():
-    check_divisible(8, 4)
-    with pytest.raises(ValueError, match="5 layers do not split into 2"):
-        check_divisible(5, 2)
+def test_zero_copy_names_and_pieces():
+    tables = [{"a": [0, 2]}, {"b": [1]}]
+    layout = drop_layout(4, tables, [8, 8])
+    assert layout.tables == {"a": [0, 4], "b": [3]}
+    assert [(p.src, p.dst, p.layer_start, p.layer_end, p.src_blocks, p.dst_blocks)
+            for p in layout.pieces] == [(0, 1, 2, 4, (0, 2), (0, 4)), (1, 0, 0, 2, (1,), (3,))]
+
+
+def test_uneven_layout_copies_compactly():
+    layout = drop_layout(5, [{"a": [3]}, {"b": [0, 1]}], [5, 7])
+    assert not layout.zero_copy and layout.num_blocks == 5
+    assert layout.tables == {"a": [0], "b": [1, 2]}
+    assert {(p.src, p.dst) for p in layout.pieces} == {(0, 0), (0, 1), (1, 0), (1, 1)}
+
+
+def test_drop_refuses_a_group_too_small_for_the_members_kv():
+    with pytest.raises(ValueError, match="holds 3 blocks"):
+        drop_layout(5, [{"a": [0, 1]}, {"b": [0, 1]}], [3, 9])
+
+
+def test_restore_assignment_balances_and_refuses_what_does_not_fit():
+    assert assign_requests({"a": 3, "b": 2, "c": 2}, 2, 4) == {"a": 0, "b": 1, "c": 1}
+    assert assign_requests({"w": 0}, 2, 4) == {"w": 0}  # a waiting request holds no blocks
+    with pytest.raises(ValueError, match="restore when the load is lower"):
+        assign_requests({"a": 3, "b": 3, "c": 3}, 2, 4)

@@ -198,7 +198,7 @@ def events(record: Path) -> list[tuple[str, str]]:
 def test_a_signal_stops_gateway_first_then_router_workers_planner(fake_up, stop_signal):
     up, record = fake_up()
     ready = up.wait_for_line("kunserve ready:", timeout=60)
-    assert ready.endswith("(2 instances)")
+    assert ready.endswith("(2 instances, policy kunserve)")
     for step in ("servers up", "model ready", "worker-0 live", "worker-1 live",
                  "gateway up", "admin token"):
         assert any(step in line for line in up.lines), (step, up.lines)
@@ -241,7 +241,7 @@ def test_kunserve_up_serves_completions_and_stops_cleanly(launch_env):
     try:
         ready = up.wait_for_line("kunserve ready:", timeout=240)
         url = f"http://127.0.0.1:{port}"
-        assert ready == f"kunserve ready: {url} (2 instances)"
+        assert ready == f"kunserve ready: {url} (2 instances, policy kunserve)"
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
         model = httpx.get(f"{url}/v1/models", timeout=10).json()["data"][0]["id"]
         response = httpx.post(f"{url}/v1/completions", timeout=60, json={

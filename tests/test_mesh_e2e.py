@@ -5,35 +5,22 @@ client, unchanged. Greedy outputs must equal transformers' on the same checkpoin
 from __future__ import annotations
 
 import asyncio
-import os
 import sqlite3
-import sys
 import time
 
 import httpx
 import openai
 import pytest
 
-from kunserve.servers import free_port
 from tests.conftest import hf_greedy
-from tests.stack import Up
+from tests.stack import running_stack
 
 
 @pytest.fixture(scope="module")
 def stack(model_dirs, tmp_path_factory):
     state = tmp_path_factory.mktemp("state")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUNSERVE_")}
-    env.update(KUNSERVE_STATE_DIR=str(state), HF_HUB_OFFLINE="1")
-    port = free_port()
-    up = Up([sys.executable, "-m", "kunserve.cli", "up", "--model", model_dirs["llama-gqa"],
-             "--instances", "2", "--port", str(port)], env)
-    try:
-        up.wait_for_line("kunserve ready:", timeout=240)
-        yield {"url": f"http://127.0.0.1:{port}", "ledger": state / "ledger.db",
-               "model_dir": model_dirs["llama-gqa"]}
-    finally:
-        up.process.terminate()
-        up.finish(timeout=60)
+    with running_stack(model_dirs["llama-gqa"], state) as (_, url):
+        yield {"url": url, "ledger": state / "ledger.db", "model_dir": model_dirs["llama-gqa"]}
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,40 @@ def test_greedy_matches_transformers(variant, pool, models, references):
     assert busy is not None and len(busy) == stages and all(b > 0 for b in busy)
 
 
+# name -> (model, stages, engine config overrides, group KV blocks): lookahead micro-batches
+LOOKAHEAD_VARIANTS = {
+    "llama5-2stages": ("llama-gqa", 2, {"max_num_batched_tokens": 48}, None),
+    "llama4-4stages-preempting": ("llama4", 4, {"max_num_batched_tokens": 24}, 12),
+}
+
+
+@pytest.mark.parametrize("variant", LOOKAHEAD_VARIANTS)
+def test_lookahead_micro_batches_give_transformers_tokens(variant, pool, models, references):
+    """Micro-batches of equal estimated cost (the model's shape stands in for a profile):
+    prefills cut across micro-batches in flight, the rest going out before the first part is
+    back, and the tokens are still transformers' greedy ones."""
+    model, stages, overrides, num_blocks = LOOKAHEAD_VARIANTS[variant]
+    prompts, expected = references[model]
+    cfg = config(models[model], lookahead=True, lookahead_min_tokens=4, **overrides)
+    with pool.group(stages, cfg, num_blocks=num_blocks) as engine:
+        assert engine.scheduler.config.cost_model is not None
+        ahead: list[str] = []  # chunks sent while their request's previous chunk was out
+        runner, submit = engine.leader_runner, engine.leader_runner.submit
+
+        def tracked(out):
+            ahead.extend(c.request_id for c in out.chunks if c.start_position
+                         > engine.scheduler.requests[c.request_id].num_computed_tokens)
+            submit(out)
+
+        runner.submit = tracked
+        results = engine.generate(prompts, GREEDY)
+        assert [r.token_ids for r in results] == expected
+        assert ahead
+        assert engine.block_manager.usage().used == 0
+        if num_blocks is not None:
+            assert engine.scheduler.num_preemptions > 0
+
+
 def test_seeded_sampling_matches_the_single_process_engine(pool, models):
     prompts = make_prompts(9, vocab=500, seed=7)
     params = [SamplingParams(max_tokens=16, temperature=0.6 + 0.1 * i, top_p=0.9,

@@ -1,5 +1,5 @@
-"""The planner: pure membership rules, then the real ``python -m kunserve.planner`` process
-against real nats-server and redis-server."""
+"""The real ``python -m kunserve.planner`` process against real nats-server and redis-server:
+membership changes published (the pure rules: test_planner_membership.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,8 @@ import nats
 import pytest
 from redis.asyncio import Redis
 
-from kunserve.planner.membership import next_topology, solo_instance
+from kunserve.planner.membership import solo_instance
 from kunserve.protocol import (
-    InstanceInfo,
     InstanceLoad,
     RedisKeys,
     Subjects,
@@ -27,33 +26,6 @@ from kunserve.protocol import (
 from kunserve.servers import start_nats, start_redis
 
 NUM_LAYERS = 6
-
-# -- membership (pure) -------------------------------------------------------------------
-
-
-def test_new_instances_join_solo_with_every_layer_in_natural_order():
-    topology = next_topology(Topology(), ["worker-10", "worker-2"], num_layers=6)
-    assert topology.epoch == 1
-    assert topology.instances == [
-        InstanceInfo(instance_id="worker-2", state="solo", group_id="worker-2", stage=0,
-                     layer_start=0, layer_end=6),
-        InstanceInfo(instance_id="worker-10", state="solo", group_id="worker-10", stage=0,
-                     layer_start=0, layer_end=6)]
-
-
-def test_no_change_gives_none_and_leavers_bump_the_epoch():
-    current = Topology(epoch=4, instances=[solo_instance("a", 6), solo_instance("b", 6)])
-    assert next_topology(current, ["b", "a"], 6) is None
-    after = next_topology(current, ["a"], 6)
-    assert after.epoch == 5 and [i.instance_id for i in after.instances] == ["a"]
-
-
-def test_staying_instances_keep_their_entry():
-    pipelined = InstanceInfo(instance_id="a", state="pipelined", group_id="g1", stage=0,
-                             layer_start=0, layer_end=3)
-    after = next_topology(Topology(epoch=2, instances=[pipelined]), ["a", "c"], 6)
-    assert after.instances == [pipelined, solo_instance("c", 6)]
-
 
 # -- the planner process ------------------------------------------------------------------
 

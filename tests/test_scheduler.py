@@ -10,6 +10,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from kunserve.worker.block_manager import BlockManager
+from kunserve.worker.cost_model import CostModel
 from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.scheduler import Scheduler, SchedulerConfig
@@ -748,17 +749,23 @@ def test_seats_spread_sequences_over_micro_batches():
     assert sorted(i for o in outs for i in scheduled_ids(o)) == sorted(sched.requests)
 
 
-@settings(max_examples=100, deadline=None)
-@given(w=workloads(), depth=st.integers(2, 4), seed=st.integers(0, 2**16))
-def test_random_workloads_with_micro_batches_in_flight(w, depth, seed):
-    """Outputs go out ``depth`` at a time and come back in order: no request is in two of
-    them, each chunk continues exactly where the last one came back, the blocks of a chunk in
-    flight stay its request's, and everything finishes with every block free."""
+@settings(max_examples=150, deadline=None)
+@given(w=workloads(), depth=st.integers(2, 4), seed=st.integers(0, 2**16),
+       lookahead_min_tokens=st.none() | st.integers(1, 8))
+def test_random_workloads_with_micro_batches_in_flight(w, depth, seed, lookahead_min_tokens):
+    """Outputs go out ``depth`` at a time and come back in order: each chunk continues
+    exactly where the request's last scheduled chunk ended and carries its own tokens, the
+    blocks of a chunk in flight stay its request's, and everything finishes with every block
+    free. Without lookahead no request is in two outputs in flight; with it (a cost model and
+    ``lookahead_min_tokens``) a request goes out again only with known tokens (the chunk in
+    flight does not sample) and is never preempted meanwhile."""
     rng = random.Random(seed)
+    model = None if lookahead_min_tokens is None else CostModel(2e-8, 1e-8, 4e-6, 2e-3)
     sched = Scheduler(SchedulerConfig(max_num_seqs=w["max_num_seqs"],
                                       max_num_batched_tokens=w["budget"],
                                       max_model_len=w["max_model_len"],
-                                      num_micro_batches=depth),
+                                      num_micro_batches=depth, cost_model=model,
+                                      lookahead_min_tokens=lookahead_min_tokens or 1),
                       BlockManager(w["num_blocks"], w["block_size"]))
     bm = sched.block_manager
     requests = {f"r{i}": make_request(f"r{i}", s["prompt_len"], s["max_tokens"],
@@ -779,15 +786,23 @@ def test_random_workloads_with_micro_batches_in_flight(w, depth, seed):
                 and not in_flight:
             break
         while len(in_flight) < depth:
+            flying: dict[str, int] = {}  # tokens in flight per request
+            for c in (c for o in in_flight for c in o.chunks):
+                flying[c.request_id] = flying.get(c.request_id, 0) + c.num_tokens
             out = sched.schedule()
-            flying = {i for o in in_flight for i in scheduled_ids(o)}
-            assert not set(scheduled_ids(out)) & flying
+            ids = scheduled_ids(out)
+            assert len(ids) == len(set(ids)) and not set(out.preempted) & set(flying)
+            if model is None:
+                assert not set(ids) & set(flying)
             assert out.num_batched_tokens <= w["budget"]
             for c in out.chunks:
                 r = requests[c.request_id]
-                assert c.start_position == r.num_computed_tokens
+                assert c.start_position == r.num_computed_tokens + flying.get(c.request_id, 0)
                 assert c.token_ids == (r.prompt_token_ids + r.output_token_ids)[
                     c.start_position:c.start_position + c.num_tokens]
+                assert c.samples == (c.start_position + c.num_tokens == r.num_tokens)
+                if c.request_id in flying:
+                    event("a chunk went out behind its request's chunk in flight")
             if out.is_empty:
                 break
             in_flight.append(out)

@@ -10,9 +10,7 @@ import uuid
 from pathlib import Path
 
 import msgspec
-import nats
 import pytest
-import redis.asyncio as aioredis
 import torch
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -55,20 +53,6 @@ async def worker(nats_server, redis_url, mesh_model_dir):
     yield server
     await server.stop()
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-async def nc(nats_server):
-    client = await nats.connect(nats_server.url)
-    yield client
-    await client.close()
-
-
-@pytest.fixture
-async def rclient(redis_url):
-    client = aioredis.from_url(redis_url)
-    yield client
-    await client.aclose()
 
 
 def make_request(prompt: list[int], max_tokens: int = 12, **sampling) -> GenerateRequest:

@@ -95,5 +95,35 @@ class LlamaStage(nn.Module):
         """(S, H) final hidden states -> (S, V) float32 logits."""
         return self.lm_head(hidden).float()
 
+    def narrow(self, layers: LayerRange) -> LlamaStage:
+        """A stage of ``layers`` (inside this one's) that shares this one's tensors: once
+        this stage is dropped, the tensors of the other layers are freed."""
+        mine = self.layer_range
+        if not (mine.start <= layers.start and layers.end <= mine.end):
+            raise ValueError(f"layers [{layers.start}, {layers.end}) are not all held by "
+                             f"[{mine.start}, {mine.end})")
+        with torch.device("meta"):
+            narrow = LlamaStage(self.config, layers, self.rotary.cos.dtype)
+        if layers.is_first:
+            narrow.embed_tokens = self.embed_tokens
+        narrow.layers = nn.ModuleList(self.layers[layers.start - mine.start:
+                                                  layers.end - mine.start])
+        if layers.is_last:
+            narrow.norm, narrow.lm_head = self.norm, self.lm_head
+        narrow.rotary = self.rotary
+        return narrow.eval().requires_grad_(False)
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """This stage's tensors under whole-model names (``layers.<model layer>...``), so
+        the stages of one model merge into one state dict."""
+        offset = self.layer_range.start
+        state = {}
+        for name, tensor in self.state_dict().items():
+            if name.startswith("layers."):
+                index, rest = name[len("layers."):].split(".", 1)
+                name = f"layers.{int(index) + offset}.{rest}"
+            state[name] = tensor
+        return state
+
     def parameter_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in self.parameters())

@@ -58,7 +58,9 @@ class LeaderRunner:
         hidden = self.executor.forward(inputs.input_ids, inputs)  # (N, H)
         batch = StageBatch(seq=self._next_seq, chunks=out.chunks,
                            finished=self._finished + out.finished)
-        self._guard(lambda: (self.link.send_message(batch, 1), self.link.send_tensor(hidden, 1)),
+        # its sampled tokens will come back: their receive is posted before the batch leaves
+        self._guard(lambda: (self.link.post_ahead(self.link.last_rank),
+                             self.link.send_message(batch, 1, hidden)),
                     f"sending micro-batch {batch.seq} to stage 1")
         self._finished = []
         self._in_flight.append(_InFlight(batch.seq, [c.request_id

@@ -7,9 +7,15 @@ worker can make a new group every epoch of its life and one store can serve many
 Gloo on CPU, NCCL on CUDA (the NCCL path is written, not yet run: no GPU here).
 
 Sends are asynchronous (the link keeps each tensor alive until its send completes), receives
-block: a plain-data message is its byte length (int64) then the msgpack bytes (uint8); a
-tensor's shape and dtype are known to the receiver from an earlier message. A peer that dies
-closes its sockets and the waiting side raises ``StageLinkError`` at once; a peer that hangs
+block. A message travels in one fixed-size *frame* (``frame_bytes``, 128 KiB): a header (its
+length, the length of a tensor sent with it, whether that tensor is inside the frame), the
+msgpack bytes, and the tensor's bytes when they fit; what does not fit follows as one more
+message. A tensor sent on its own is received into a tensor of a shape and dtype the receiver
+knows from an earlier message. Gloo moves a message only once its receive is posted (the
+receiver tells the sender it is ready; on 2 oversubscribed cores that round trip is ~1 ms of
+process wake-ups), so the serving path posts the receive of its next frame ahead
+(``post_ahead``): a frame of a fixed size can be received before anything about it is known.
+A peer that dies closes its sockets and the waiting side raises ``StageLinkError`` at once; a peer that hangs
 makes it raise after ``timeout_s``. Only waiting for the *next* micro-batch (an idle stage)
 uses ``idle_timeout_s`` (default: wait as long as the connection lives).
 The link knows nothing about models or scheduling.
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -30,7 +37,9 @@ import torch.distributed as dist
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-_TAG_LENGTH, _TAG_BYTES, _TAG_TENSOR = 1, 2, 3
+_TAG_FRAME, _TAG_BYTES, _TAG_TENSOR = 1, 2, 3
+FRAME_BYTES = 128 * 1024
+_HEADER_BYTES = 24  # int64: message bytes, tensor bytes, tensor inside the frame (0/1)
 _FOREVER = datetime.timedelta(days=365)
 
 
@@ -70,10 +79,23 @@ def connect_store(host: str, port: int, rank: int, timeout_s: float = 60.0) -> d
                          timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def meet(host: str, port: int, group_id: str, epoch: int, rank: int, size: int, *,
+         timeout_s: float, **link_kwargs: Any) -> StageLink:
+    """Join a group at a store someone else hosts (in the mesh: the planner), under the
+    group's own key prefix, so that several groups can form at one store in one epoch.
+    Blocks until every member arrived or ``timeout_s`` passed, which is also how long the
+    link waits for a silent peer before calling it dead."""
+    store = dist.TCPStore(host, port, is_master=False, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    return StageLink(dist.PrefixStore(group_id, store), rank, size, epoch, timeout_s=timeout_s,
+                     **link_kwargs)
+
+
 class StageLink:
     def __init__(self, store: dist.Store, rank: int, size: int, epoch: int, *,
                  timeout_s: float = 60.0, idle_timeout_s: float | None = None,
-                 device: torch.device | str = "cpu", bind_host: str | None = None) -> None:
+                 device: torch.device | str = "cpu", bind_host: str | None = None,
+                 frame_bytes: int = FRAME_BYTES) -> None:
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} is not in a group of {size}")
         self.rank, self.size, self.epoch = rank, size, epoch
@@ -85,6 +107,10 @@ class StageLink:
         self._group = _make_group(dist.PrefixStore(f"epoch-{epoch}", store), rank, size,
                                   self.device, self.timeout, bind_host)
         self._pending: list[dist.Work] = []  # sends not known complete (each holds its tensor)
+        self.frame_bytes = frame_bytes
+        # frame receives posted ahead, per source rank, in the order they will complete
+        self._ahead: defaultdict[int, deque[tuple[dist.Work, torch.Tensor]]] = \
+            defaultdict(deque)
 
     @classmethod
     def connect(cls, address: GroupAddress, rank: int, **kwargs: Any) -> StageLink:
@@ -106,16 +132,20 @@ class StageLink:
     def last_rank(self) -> int:
         return self.size - 1
 
-    # -- plain data --------------------------------------------------------------------------
+    # -- plain data (and a tensor with it) --------------------------------------------------
     @_detached
-    def send_message(self, message: msgspec.Struct, dst: int) -> None:
-        self.send_bytes(msgspec.msgpack.encode(message), dst)
+    def send_message(self, message: msgspec.Struct, dst: int,
+                     tensor: torch.Tensor | None = None) -> None:
+        """Send ``message``, and ``tensor`` with it (``Received.tensor`` takes it back)."""
+        self.send_frame(msgspec.msgpack.encode(message), dst, tensor)
 
     @_detached
     def recv_message(self, kind: type[T], src: int, idle: bool = False) -> T:
         """Receive one message decoded as ``kind`` (a struct or a union of tagged structs);
         ``idle``: the sender may legitimately have nothing to say for a long time."""
-        data = self.recv_bytes(src, idle)
+        return self.decode(self.recv_frame(src, idle).data, kind, src)
+
+    def decode(self, data: bytes, kind: type[T], src: int) -> T:
         try:
             return msgspec.msgpack.decode(data, type=kind)
         except msgspec.DecodeError as exc:
@@ -123,18 +153,56 @@ class StageLink:
                                  f"{kind}: {exc}") from exc
 
     @_detached
-    def send_bytes(self, data: bytes, dst: int) -> None:
-        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8)  # (B,)
-        self._send(torch.tensor([payload.numel()], dtype=torch.int64), dst, _TAG_LENGTH)
-        self._send(payload, dst, _TAG_BYTES)
+    def send_frame(self, data: bytes, dst: int, tensor: torch.Tensor | None = None) -> None:
+        room = self.frame_bytes - _HEADER_BYTES
+        nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
+        offset = _HEADER_BYTES + _aligned(len(data))
+        inline = (tensor is not None and tensor.device.type == "cpu"
+                  and offset + nbytes <= self.frame_bytes)
+        frame = torch.empty(self.frame_bytes, dtype=torch.uint8)
+        frame[:_HEADER_BYTES].view(torch.int64).copy_(
+            torch.tensor([len(data), nbytes, int(inline)], dtype=torch.int64))
+        head = min(len(data), room)
+        if head:
+            frame[_HEADER_BYTES:_HEADER_BYTES + head] = torch.frombuffer(
+                bytearray(data[:head]), dtype=torch.uint8)
+        if inline:
+            frame[offset:offset + nbytes] = tensor.contiguous().view(-1).view(torch.uint8)
+        self._send(frame, dst, _TAG_FRAME)
+        if len(data) > room:
+            self._send(torch.frombuffer(bytearray(data[room:]), dtype=torch.uint8), dst,
+                       _TAG_BYTES)
+        if tensor is not None and not inline:
+            self._send(tensor.contiguous(), dst, _TAG_TENSOR)
 
     @_detached
-    def recv_bytes(self, src: int, idle: bool = False) -> bytes:
-        length = self._recv(torch.empty(1, dtype=torch.int64), src, _TAG_LENGTH,
-                            "a message", self.idle_timeout if idle else self.timeout)
-        payload = self._recv(torch.empty(int(length.item()), dtype=torch.uint8), src,
-                             _TAG_BYTES, "a message body", self.timeout)  # (B,)
-        return payload.cpu().numpy().tobytes()
+    def recv_frame(self, src: int, idle: bool = False) -> Received:
+        """The next message from ``src`` (its frame's receive posted ahead, or now)."""
+        timeout = self.idle_timeout if idle else self.timeout
+        if self._ahead[src]:
+            work, frame = self._ahead[src].popleft()
+            self._wait(work, f"a message from rank {src}", timeout)
+        else:
+            frame = self._recv(torch.empty(self.frame_bytes, dtype=torch.uint8), src,
+                               _TAG_FRAME, "a message", timeout)
+        frame = frame.cpu()
+        length, nbytes, inline = frame[:_HEADER_BYTES].view(torch.int64).tolist()
+        room = self.frame_bytes - _HEADER_BYTES
+        data = frame[_HEADER_BYTES:_HEADER_BYTES + min(length, room)].numpy().tobytes()
+        if length > room:
+            data += self._recv(torch.empty(length - room, dtype=torch.uint8), src, _TAG_BYTES,
+                               "a message body", self.timeout).numpy().tobytes()
+        offset = _HEADER_BYTES + _aligned(length)
+        return Received(self, src, data, nbytes,
+                        frame[offset:offset + nbytes] if inline else None)
+
+    @_detached
+    def post_ahead(self, src: int) -> None:
+        """Post the receive of a coming message from ``src`` now, so it moves as soon as it is
+        sent; ``recv_*`` takes such receives first, in order. Post only for a message that
+        will come: a receive still posted when the link closes is abandoned."""
+        frame = torch.empty(self.frame_bytes, dtype=torch.uint8, device=self.device)
+        self._ahead[src].append((self._post(frame, src, _TAG_FRAME), frame))
 
     # -- tensors -----------------------------------------------------------------------------
     @_detached
@@ -145,6 +213,18 @@ class StageLink:
     def recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
         return self._recv(torch.empty(shape, dtype=dtype), src, _TAG_TENSOR,
                           f"a {tuple(shape)} tensor", self.timeout)
+
+    @_detached
+    def post_recv(self, buffer: torch.Tensor, src: int) -> dist.Work:
+        """Post the receive of a tensor from ``src`` into ``buffer`` (on the link's device)
+        and return at once; ``wait`` completes it. Several may be posted: they complete in
+        the order posted."""
+        return self._post(buffer, src, _TAG_TENSOR)
+
+    @_detached
+    def wait(self, work: dist.Work, what: str) -> None:
+        """Wait for a receive ``post_recv`` posted (raises if the peer died or hung)."""
+        self._wait(work, what, self.timeout)
 
     # -- lifetime ----------------------------------------------------------------------------
     @_detached
@@ -161,6 +241,7 @@ class StageLink:
         except StageLinkError:
             pass
         self._pending.clear()
+        self._ahead.clear()
         self._group = None
 
     # -- internals ---------------------------------------------------------------------------
@@ -173,10 +254,12 @@ class StageLink:
     def _recv(self, buffer: torch.Tensor, src: int, tag: int, what: str,
               timeout: datetime.timedelta) -> torch.Tensor:
         buffer = buffer.to(self.device)
-        work = self._call(lambda: self._group.recv([buffer], src, tag),
-                          f"receive from rank {src}")
-        self._wait(work, f"{what} from rank {src}", timeout)
+        self._wait(self._post(buffer, src, tag), f"{what} from rank {src}", timeout)
         return buffer
+
+    def _post(self, buffer: torch.Tensor, src: int, tag: int) -> dist.Work:
+        return self._call(lambda: self._group.recv([buffer], src, tag),
+                          f"receive from rank {src}")
 
     def _reap(self) -> None:
         """Forget completed sends, raising the error of a failed one."""
@@ -206,6 +289,31 @@ class StageLink:
             raise StageLinkError(
                 f"epoch {self.epoch}, rank {self.rank}: waiting for {what} failed (the peer "
                 f"died{limit}): {_first_line(exc)}") from exc
+
+
+@dataclass
+class Received:
+    """One message's bytes; ``tensor`` takes the tensor sent with it."""
+
+    link: StageLink
+    src: int
+    data: bytes
+    tensor_bytes: int
+    _inline: torch.Tensor | None  # (tensor_bytes,) uint8, a view of the frame
+
+    @property
+    def tensor_in_frame(self) -> bool:
+        return self._inline is not None
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if self._inline is not None:
+            return self._inline.view(dtype).view(shape)
+        return self.link.recv_tensor(shape, dtype, self.src)
+
+
+def _aligned(n: int) -> int:
+    """``n`` rounded up to 8 bytes (a tensor after the message is read in place)."""
+    return -(-n // 8) * 8
 
 
 def _make_group(store: dist.Store, rank: int, size: int, device: torch.device,

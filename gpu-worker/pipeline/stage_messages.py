@@ -16,12 +16,38 @@ Ending the epoch::
 
     r -> r+1        StopPipeline    each rank appends its busy seconds and forwards it
     last -> 0       PipelineStopped everyone's busy seconds: the epoch ended cleanly
+
+Dropping parameters (``reconfigure.py``: solo instances become the group)::
+
+    rank r -> 0     DropHello       its block tables, requests, generators, capacity
+    0 -> rank r     DropWelcome     every member's tables and capacity (each derives the same
+                                    KV layout), the generators for the last rank
+    then KV slices (``kv_transfer.py``), one layer per tensor
+
+Restoring (the group splits back into solo instances)::
+
+    0 -> r          PullLayers      on the epoch's second link, while the group serves: then
+    all <-> all     parameters      each rank's tensors to every other rank, name order
+    r -> r+1        BeginRestore    which member each request goes to (forwarded down the chain)
+    then KV slices, then
+    last -> r       RestoredGenerators  the seeded streams of the requests member r takes
+    r -> 0          RestoreDone     layers and KV in place
+    0 -> r          RestoreCommit   every member is ready: serve solo (before it, a broken
+                                    group leaves every request with the leader)
+
+Migrating requests between two solo instances (the llumnix policy)::
+
+    0 -> 1          MigrateOffer    the requests (progress, block tables, generators)
+    1 -> 0          MigrateAnswer   the destination's blocks for them, or why it cannot
+    then their KV, every layer, one layer per tensor
 """
 
 from __future__ import annotations
 
 import msgspec
 
+from kunserve.worker.handover import RequestState
+from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.scheduler_output import ScheduledChunk
 
 
@@ -61,7 +87,59 @@ class PipelineStopped(msgspec.Struct, tag=True, kw_only=True):
     busy_seconds: list[float]  # per rank, rank order
 
 
+class DropHello(msgspec.Struct, tag=True, kw_only=True):
+    rank: int
+    capacity_blocks: int  # blocks of its stage's geometry its budget holds after the drop
+    solo_blocks: int  # blocks it holds solo
+    tables: dict[str, list[int]]  # its requests' solo block tables
+    requests: list[RequestState]
+    generators: dict[str, bytes]  # seeded requests' random-stream states
+    error: str | None = None  # why this member cannot join (the group then fails)
+
+
+class DropWelcome(msgspec.Struct, tag=True, kw_only=True):
+    tables: list[dict[str, list[int]]] = []  # per rank
+    capacities: list[int] = []  # per rank
+    generators: dict[str, bytes] = {}  # for the last rank only
+    generator_params: dict[str, SamplingParams] = {}
+    error: str | None = None
+
+
+class PullLayers(msgspec.Struct, tag=True, kw_only=True):
+    """On the layer link: start pulling the dropped layers back (while the group serves)."""
+
+
+class BeginRestore(msgspec.Struct, tag=True, kw_only=True):
+    requests: list[RequestState]  # block tables in the group's numbering
+    assignment: dict[str, int]  # request id -> the rank it lives on once solo
+
+
+class RestoredGenerators(msgspec.Struct, tag=True, kw_only=True):
+    generators: dict[str, bytes]
+
+
+class MigrateOffer(msgspec.Struct, tag=True, kw_only=True):
+    """Source -> destination (the llumnix policy): running requests with their block tables
+    and generators; their KV follows once accepted."""
+
+    requests: list[RequestState]
+    generators: dict[str, bytes] = {}
+
+
+class MigrateAnswer(msgspec.Struct, tag=True, kw_only=True):
+    tables: dict[str, list[int]] = {}  # the destination's blocks for each request
+    error: str | None = None
+
+
+class RestoreDone(msgspec.Struct, tag=True, kw_only=True):
+    """A member has the whole model and its requests' KV: it waits for the commit."""
+
+
+class RestoreCommit(msgspec.Struct, tag=True, kw_only=True):
+    """The leader heard every member: serve solo now."""
+
+
 # what rank r receives from rank r-1
-StageMessage = StageBatch | StopPipeline
+StageMessage = StageBatch | StopPipeline | BeginRestore
 # what the leader receives from the last rank
 LeaderMessage = SampledTokens | PipelineStopped

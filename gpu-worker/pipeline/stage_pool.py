@@ -57,7 +57,7 @@ def member_main(port: int, orders: mp.Queue, results: mp.Queue) -> None:
         link = StageLink(store, order.rank, order.size, order.epoch, timeout_s=order.timeout_s,
                          bind_host=HOST)
         try:
-            StageRunner(order.config, link).run()
+            StageRunner.join(order.config, link).run()
             result = EpochResult(order.epoch, order.rank)
         except Exception as exc:  # the epoch failed: report it and wait for the next one
             result = EpochResult(order.epoch, order.rank, f"{type(exc).__name__}: {exc}")

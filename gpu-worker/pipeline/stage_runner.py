@@ -6,7 +6,8 @@ against its own KV cache; then either send the chunks (the very bytes received) 
 hidden states on to ``r+1``, or, on the last rank, compute logits, sample (the seeded
 generators live here, dropped when a batch lists their request as finished) and send the
 token ids to rank 0. The runner keeps no request state besides the generators: the block
-tables come with every batch. Its job ends when the epoch does; forming the next group is the
+tables come with every batch. Its job ends when the epoch does (``StopPipeline``) or when the
+leader starts a restore (``BeginRestore``, handed to the caller); forming the next group is the
 worker's.
 """
 
@@ -18,8 +19,9 @@ import torch
 from kunserve.worker.engine import EngineConfig
 from kunserve.worker.model_config import ModelConfig
 from kunserve.worker.pipeline.group_member import GroupMember, join_group
-from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+from kunserve.worker.pipeline.stage_link import Received, StageLink, StageLinkError
 from kunserve.worker.pipeline.stage_messages import (
+    BeginRestore,
     PipelineStopped,
     SampledTokens,
     StageBatch,
@@ -27,44 +29,66 @@ from kunserve.worker.pipeline.stage_messages import (
     StopPipeline,
 )
 from kunserve.worker.request_sampler import RequestSampler
+from kunserve.worker.stage_executor import StageExecutor
 from kunserve.worker.step_inputs import StepInputs, prepare_inputs
 
 
 class StageRunner:
-    def __init__(self, config: EngineConfig, link: StageLink) -> None:
+    def __init__(self, link: StageLink, executor: StageExecutor, model_config: ModelConfig,
+                 sampler: RequestSampler | None = None) -> None:
+        """``executor``: this rank's layers and KV cache; ``sampler`` (last rank): the seeded
+        generators (a new one when None)."""
         if link.is_leader:
             raise ValueError("rank 0 is the leader: it runs PipelineEngine, not StageRunner")
+        self.link = link
+        self.model_config = model_config
+        self.executor = executor
+        self.dtype = self.executor.kv_cache.storage.dtype
+        self.sampler = None
+        if link.is_last:
+            self.sampler = sampler or RequestSampler(self.executor.kv_cache.storage.device)
+        self.num_batches = 0
+        self.busy_report: list[float] = []  # every rank's busy seconds, once stopped
+
+    @classmethod
+    def join(cls, config: EngineConfig, link: StageLink) -> StageRunner:
+        """Load this rank's layers from the checkpoint and join the group
+        (``group_member.join_group``)."""
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        self.link = link
-        self.model_config = ModelConfig.from_dir(config.model)
-        self.member: GroupMember = join_group(config, self.model_config, link)
-        self.executor = self.member.executor
-        self.dtype = self.executor.kv_cache.storage.dtype
-        self.sampler = RequestSampler(self.executor.kv_cache.storage.device) \
-            if link.is_last else None
-        self.num_batches = 0
+        model_config = ModelConfig.from_dir(config.model)
+        member: GroupMember = join_group(config, model_config, link)
+        return cls(link, member.executor, model_config)
 
-    def run(self) -> list[float]:
-        """Serve micro-batches until the leader stops the epoch; returns every rank's busy
-        seconds as far as this rank knows them (all of them on the last rank)."""
+    def run(self) -> BeginRestore | None:
+        """Serve micro-batches until the leader stops the epoch (None; ``busy_report`` then
+        holds every rank's busy seconds as far as this rank knows them, all of them on the
+        last rank) or starts a restore (the ``BeginRestore``, already forwarded)."""
         decoder = msgspec.msgpack.Decoder(StageMessage)
+        prev = self.link.rank - 1
         with torch.inference_mode():
             while True:
-                raw = self.link.recv_bytes(self.link.rank - 1, idle=True)
-                message = self._decode(decoder, raw)
+                received = self.link.recv_frame(prev, idle=True)
+                message = self._decode(decoder, received.data)
                 if isinstance(message, StopPipeline):
-                    return self._stop(message)
-                self._serve(message, raw)
+                    self.busy_report = self._stop(message)
+                    return None
+                if isinstance(message, BeginRestore):
+                    if not self.link.is_last:
+                        self.link.send_frame(received.data, self.link.rank + 1)
+                    return message
+                # a micro-batch: another message will follow it, so its receive can be
+                # posted now, before this one's forward pass
+                self.link.post_ahead(prev)
+                self._serve(message, received)
 
-    def _serve(self, batch: StageBatch, raw: bytes) -> None:
+    def _serve(self, batch: StageBatch, received: Received) -> None:
         inputs = prepare_inputs(batch.chunks, self.executor.block_size)
-        hidden = self.link.recv_tensor((inputs.num_tokens, self.model_config.hidden_size),
-                                       self.dtype, self.link.rank - 1)  # (N, H)
+        hidden = received.tensor((inputs.num_tokens, self.model_config.hidden_size),
+                                 self.dtype)  # (N, H)
         hidden = self.executor.forward(hidden, inputs)  # (N, H)
         if self.sampler is None:
-            self.link.send_bytes(raw, self.link.rank + 1)
-            self.link.send_tensor(hidden, self.link.rank + 1)
+            self.link.send_frame(received.data, self.link.rank + 1, hidden)
         else:
             self.link.send_message(SampledTokens(seq=batch.seq,
                                                  token_ids=self._sample(batch, hidden, inputs)),
@@ -93,7 +117,7 @@ class StageRunner:
         sampling = self.sampler.busy_seconds if self.sampler is not None else 0.0
         return self.executor.busy_seconds + sampling
 
-    def _decode(self, decoder: msgspec.msgpack.Decoder, raw: bytes) -> StageBatch | StopPipeline:
+    def _decode(self, decoder: msgspec.msgpack.Decoder, raw: bytes) -> StageMessage:
         try:
             return decoder.decode(raw)
         except msgspec.DecodeError as exc:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import httpx
 
-from kunserve.servers import free_port
+from kunserve.launcher import READY_PREFIX
+from kunserve.servers import free_port, stop_process
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -121,13 +122,12 @@ class _stack:
 
     def __enter__(self) -> str:
         for line in self.process.stdout:
-            if line.startswith("kunserve ready:"):
+            if line.startswith(READY_PREFIX):
                 return f"http://127.0.0.1:{self.port}"
         raise RuntimeError("kunserve up exited before it was ready")
 
     def __exit__(self, *exc) -> None:
-        self.process.terminate()
-        self.process.wait(60)
+        stop_process(self.process, 60)
 
 
 async def _measure_stack(url: str, prompts: list[list[int]],

@@ -1,0 +1,457 @@
+"""Drop, restore and fall back: one instance's engine changing shape between two steps.
+
+Every function here runs on the engine's thread, with nothing in flight, and is collective
+over the epoch's ``StageLink``: all members of the group call the same function.
+
+``drop``: the solo instances become one pipeline group. Each member exports its requests
+(progress, block tables, detokenizer positions; ``handover.py``), keeps only its stage's layers
+(``LlamaStage.narrow``: the other layers' tensors are freed with the old stage), re-reads its KV
+range with the thinner geometry and grows into the freed bytes (``KVCache.reshape``), and the
+members exchange the KV slices of the layers they no longer hold (``group_layout.drop_layout``,
+``kv_transfer.move_kv``). The leader adopts every request with its new block table and serves
+the group (``LeaderRunner``); the others serve their stage (``StageRunner``), the last one with
+the seeded generators of every request.
+
+``restore``: first every member pulls the layers it dropped from the peers that hold them
+(``pull_layers``, over the epoch's second link, on a helper thread while the group keeps
+serving; from the checkpoint if a peer fails). Then the leader stops serving, picks a member
+for each request (``assign_requests``; it refuses when the group's KV does not fit the solo
+instances), tells the chain (``BeginRestore``), the KV of each request is gathered on its
+member, and every member serves solo with its requests.
+
+``fall_back``: the group broke (a peer died or hung). Whoever survives reloads the model from
+the checkpoint and serves solo; the leader's requests go back to waiting and are recomputed from
+their prompt plus the tokens they already produced, so none is lost and no token repeats.
+
+Where its job ends: it does not decide when to reconfigure (the planner does) or talk to NATS
+(the worker process does).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import msgspec
+import torch
+
+from kunserve.worker.checkpoint import TORCH_DTYPES, build_stage, load_stage
+from kunserve.worker.engine import LLMEngine
+from kunserve.worker.group_layout import (
+    KVPiece,
+    assign_requests,
+    drop_layout,
+    restore_pieces,
+    solo_tables,
+)
+from kunserve.worker.handover import RequestState, import_request
+from kunserve.worker.instance_memory import kv_geometry
+from kunserve.worker.layer_range import LayerRange
+from kunserve.worker.memory_budget import MemoryPlan, plan_memory
+from kunserve.worker.model.llama import LlamaStage
+from kunserve.worker.model_config import ModelConfig
+from kunserve.worker.model_runner import ModelRunner
+from kunserve.worker.pipeline.kv_transfer import MoveStats, move_kv
+from kunserve.worker.pipeline.leader_runner import LeaderRunner
+from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+from kunserve.worker.pipeline.stage_messages import (
+    BeginRestore,
+    DropHello,
+    DropWelcome,
+    MigrateAnswer,
+    MigrateOffer,
+    PullLayers,
+    RestoreCommit,
+    RestoredGenerators,
+    RestoreDone,
+)
+from kunserve.worker.pipeline.stage_runner import StageRunner
+from kunserve.worker.request import Request, RequestStatus
+from kunserve.worker.request_sampler import RequestSampler
+from kunserve.worker.stage_executor import StageExecutor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Membership:
+    """What a member of a pipeline group keeps while it serves in it."""
+
+    link: StageLink
+    group_id: str
+    layers: LayerRange
+    solo_memory: MemoryPlan  # to go back to
+    stage_runner: StageRunner | None = None  # ranks 1..g-1
+    # a second link of the same members, for pulling layers back while ``link`` serves
+    layer_link: StageLink | None = None
+    pulled: LlamaStage | None = None  # the whole model, pulled back for a restore
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
+    kv_moved: MoveStats | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.link.rank
+
+
+# -- drop ---------------------------------------------------------------------------------------
+def drop(engine: LLMEngine, link: StageLink, group_id: str,
+         layer_link: StageLink | None = None) -> Membership:
+    """Turn this solo engine into member ``link.rank`` of the group (collective).
+    ``layer_link``: the same members' second link (``pull_layers`` overlaps with serving)."""
+    start = time.perf_counter()
+    engine_outputs = engine.drain()
+    if engine_outputs:  # a solo engine runs one step at a time: nothing is ever left here
+        raise RuntimeError("drop with steps in flight")
+    model, rank, size = engine.model_config, link.rank, link.size
+    solo_memory, cache = engine.memory, engine.kv_caches[0]
+    solo_runner = engine.runner
+    assert isinstance(solo_runner, ModelRunner) and len(engine.stages) == 1
+    layers = LayerRange.for_stage(rank, size, model.num_layers)
+    stage = engine.stages[0].narrow(layers)
+    geometry = kv_geometry(engine.config, model, layers.size)
+    plan = plan_memory(solo_memory.budget_bytes, stage.parameter_bytes(),
+                       solo_memory.reserve_bytes, geometry)
+    capacity = min(plan.num_blocks, cache.capacity_bytes // geometry.block_bytes)
+    states = engine.export_requests()
+    generators = solo_runner.sampler.export_generators()
+    hello = DropHello(rank=rank, capacity_blocks=capacity, solo_blocks=solo_memory.num_blocks,
+                      tables={s.request_id: s.block_table for s in states}, requests=states,
+                      generators=generators)
+    try:
+        welcome, requests = _agree_on_drop(link, hello, model.num_layers)
+    except (DropRefused, StageLinkError):  # nothing changed yet: take the requests back
+        engine.adopt_requests(states, hello.tables)
+        solo_runner.sampler.import_generators(
+            generators, {s.request_id: s.sampling_params for s in states})
+        raise
+    layout = drop_layout(model.num_layers, welcome.tables, welcome.capacities)
+    phases = {"handover": time.perf_counter() - start}
+    # the tensors of the layers this member no longer holds stage the KV it sends, then go
+    kept = {t.untyped_storage().data_ptr() for t in stage.state_dict().values()}
+    staging = [p.data for p in engine.stages[0].parameters()
+               if p.untyped_storage().data_ptr() not in kept]  # tied weights stay untouched
+    # free: from here on only ``staging`` refers to the layers this member no longer holds
+    engine.stages, solo_runner = [stage], None
+    engine.runner = None  # type: ignore[assignment]  # the old runner held the whole model
+    memory = replace(plan, num_blocks=layout.num_blocks)
+    executor = StageExecutor(stage, cache)
+    membership = Membership(link, group_id, layers, solo_memory, phases=phases,
+                            layer_link=layer_link)
+    # the leader owns every request from here on: if the group breaks, it recomputes them
+    if link.is_leader:
+        engine.install(LeaderRunner(executor, link, depth=size), memory)
+        engine.adopt_requests(requests, layout.tables)
+    else:
+        engine.install(None, memory)
+    phases["free"] = time.perf_counter() - start - phases["handover"]
+    try:
+        membership.kv_moved = move_kv(cache, link, rank, layout.pieces, geometry,
+                                      layout.num_blocks, layers.start, staging)
+    except StageLinkError as exc:
+        fall_back(engine, membership)
+        raise GroupFailed(f"the group broke during the KV exchange: {exc}") from None
+    phases["exchange"] = membership.kv_moved.seconds
+    if not link.is_leader:
+        sampler = None
+        if link.is_last:
+            sampler = RequestSampler(cache.storage.device)
+            sampler.import_generators(welcome.generators, welcome.generator_params)
+        membership.stage_runner = StageRunner(link, executor, model, sampler)
+    phases["total"] = time.perf_counter() - start
+    return membership
+
+
+class GroupFailed(RuntimeError):
+    """The group broke (a peer died or hung) during a reconfiguration; this member serves
+    solo again (``fall_back``), the leader with every request requeued."""
+
+
+def _agree_on_drop(link: StageLink, own: DropHello,
+                   num_layers: int) -> tuple[DropWelcome, list[RequestState]]:
+    """Members send their hello to the leader; it answers everyone with what every member
+    needs to derive the same KV layout (or why the group cannot form, and then everyone stays
+    as it was). Returns the welcome and, on the leader, every request of the group."""
+    if not link.is_leader:
+        link.send_message(own, 0)
+        welcome = link.recv_message(DropWelcome, 0)
+        if welcome.error:
+            raise DropRefused(welcome.error)
+        return welcome, []
+    hellos = [own] + [link.recv_message(DropHello, r) for r in range(1, link.size)]
+    welcome = DropWelcome(tables=[h.tables for h in hellos],
+                          capacities=[h.capacity_blocks for h in hellos])
+    try:
+        drop_layout(num_layers, welcome.tables, welcome.capacities)
+    except ValueError as exc:
+        welcome.error = str(exc)
+    solo_blocks = sum(h.solo_blocks for h in hellos)
+    if welcome.error is None and min(welcome.capacities) <= solo_blocks:
+        # every member holds the group's block count: with an uneven split the member with
+        # the most layers bounds it (e.g. 5 layers over 4 members: stage 0 holds 2)
+        welcome.error = (f"the group would hold {min(welcome.capacities)} blocks, no more than "
+                         f"its {len(hellos)} members hold solo ({solo_blocks}): dropping "
+                         f"{num_layers} layers over {len(hellos)} instances gains no KV cache")
+    requests = [s for h in hellos for s in h.requests]
+    generators = {rid: state for h in hellos for rid, state in h.generators.items()}
+    params = {s.request_id: s.sampling_params for s in requests}
+    for rank in range(1, link.size):
+        message = welcome
+        if rank == link.last_rank and welcome.error is None:
+            message = msgspec.structs.replace(
+                welcome, generators=generators,
+                generator_params={r: params[r] for r in generators})
+        link.send_message(message, rank)
+    link.flush()
+    if welcome.error:
+        raise DropRefused(welcome.error)
+    return welcome, requests
+
+
+class DropRefused(RuntimeError):
+    """The members cannot form the group (their KV does not fit it); each stays solo with
+    its requests."""
+
+
+# -- restore ------------------------------------------------------------------------------------
+def plan_restore(engine: LLMEngine, membership: Membership) -> BeginRestore:
+    """Leader: pick each request's member (call it after ``engine.drain()``, whose outputs
+    the caller publishes, to plan the real restore; before it, to check early). Raises
+    ``ValueError`` (and changes nothing) when the group's KV does not fit the solo
+    instances."""
+    link = membership.link
+    blocks = engine.block_manager
+    needed = {rid: len(blocks.block_table(rid)) for rid in engine.scheduler.requests}
+    assignment = assign_requests(needed, link.size, membership.solo_memory.num_blocks)
+    return BeginRestore(requests=[], assignment=assignment)
+
+
+def order_layer_pull(membership: Membership) -> None:
+    """Leader: tell every member to start ``pull_layers`` (on the layer link)."""
+    link = membership.layer_link
+    assert link is not None and link.is_leader
+    for rank in range(1, link.size):
+        link.send_message(PullLayers(), rank)
+    link.flush()
+
+
+def await_layer_pull_order(membership: Membership) -> None:
+    """Member: block until the leader orders the pull (raises when the link closes)."""
+    assert membership.layer_link is not None
+    membership.layer_link.recv_message(PullLayers, 0, idle=True)
+
+
+def pull_layers(engine: LLMEngine, membership: Membership) -> LlamaStage:
+    """The whole model again, from this member's layers and its peers' (collective over the
+    layer link; blocking: run it on a helper thread while the group serves). When a peer
+    fails, from the checkpoint on disk."""
+    start = time.perf_counter()
+    model, config = engine.model_config, engine.config
+    link = membership.layer_link or membership.link
+    try:
+        stage = _pull_layers(engine.stages[0], model, TORCH_DTYPES[config.dtype], link)
+    except StageLinkError as exc:
+        logger.warning("pulling layers from the peers failed (%s): loading the checkpoint",
+                       exc)
+        stage = load_stage(config.model, LayerRange.full(model.num_layers), config.dtype)
+    membership.phases["restore_layers"] = time.perf_counter() - start
+    return stage
+
+
+def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
+            stage: LlamaStage | None = None) -> None:
+    """Split the group: every member gets the whole model back and serves the requests
+    ``begin.assignment`` gives it (collective). The leader passes the ``BeginRestore`` of
+    ``plan_restore`` after ``engine.drain()``; the others the one their stage runner
+    returned. ``stage``: the whole model from ``pull_layers`` (None: every member pulls over
+    the serving link now). Members take their requests only once the leader has heard that
+    every member has its layers and KV (``RestoreCommit``), so a request is never served twice;
+    if the group breaks before that, every member falls back to solo and the leader requeues
+    every request (``GroupFailed``)."""
+    start = time.perf_counter()
+    link, rank = membership.link, membership.link.rank
+    if link.is_leader:
+        begin.requests = engine.export_requests()
+    try:
+        if link.is_leader:
+            link.send_message(begin, 1)
+        model, config = engine.model_config, engine.config
+        if stage is None:
+            stage = _pull_layers(engine.stages[0], model, TORCH_DTYPES[config.dtype], link)
+            membership.phases["restore_layers"] = time.perf_counter() - start
+        group_tables = {s.request_id: s.block_table for s in begin.requests}
+        new_tables = solo_tables(group_tables, begin.assignment)
+        pieces = restore_pieces(model.num_layers, link.size, group_tables, begin.assignment,
+                                new_tables)
+        solo = membership.solo_memory
+        moved = move_kv(engine.kv_caches[0], link, rank, pieces,
+                        kv_geometry(config, model, model.num_layers), solo.num_blocks, 0)
+        membership.phases["restore_exchange"] = moved.seconds
+        generators = _return_generators(membership, begin)
+        _commit_restore(link)
+    except StageLinkError as exc:
+        if link.is_leader:  # the requests are the leader's until the commit
+            _requeue(engine, [import_request(s) for s in begin.requests])
+        fall_back(engine, membership)
+        raise GroupFailed(f"the group broke during the restore: {exc}") from None
+    mine = [s for s in begin.requests if begin.assignment[s.request_id] == rank]
+    engine.stages = [stage]
+    runner = ModelRunner(engine.stages, engine.kv_caches)
+    runner.sampler.import_generators(generators,
+                                     {s.request_id: s.sampling_params for s in mine})
+    engine.install(runner, solo)
+    engine.adopt_requests(mine, {s.request_id: new_tables[s.request_id] for s in mine})
+    _close(membership)
+    membership.phases["restore_total"] = time.perf_counter() - start
+
+
+def _commit_restore(link: StageLink) -> None:
+    """Members report their layers and KV in place; the leader then tells each to serve."""
+    if link.is_leader:
+        for rank in range(1, link.size):
+            link.recv_message(RestoreDone, rank)
+        for rank in range(1, link.size):
+            link.send_message(RestoreCommit(), rank)
+    else:
+        link.send_message(RestoreDone(), 0)
+        link.recv_message(RestoreCommit, 0)
+    link.flush()
+
+
+def _close(membership: Membership) -> None:
+    membership.link.close()
+    if membership.layer_link is not None:
+        membership.layer_link.close()
+
+
+def _pull_layers(own_stage: LlamaStage, model: ModelConfig, dtype: torch.dtype,
+                 link: StageLink) -> LlamaStage:
+    """The whole model from this member's stage and the peers' (each sends its tensors to
+    every other member, in name order; shapes come from the model config)."""
+    own = own_stage.model_state()
+    for peer in range(link.size):
+        if peer != link.rank:
+            for name in sorted(own):
+                link.send_tensor(own[name], peer)
+    state = dict(own)
+    for peer in range(link.size):
+        if peer == link.rank:
+            continue
+        with torch.device("meta"):
+            shapes = LlamaStage(model, LayerRange.for_stage(peer, link.size, model.num_layers),
+                                dtype).model_state()
+        for name in sorted(shapes):
+            state[name] = link.recv_tensor(tuple(shapes[name].shape), dtype, peer)
+    link.flush()
+    return build_stage(model, LayerRange.full(model.num_layers), dtype, state)
+
+
+def _return_generators(membership: Membership, begin: BeginRestore) -> dict[str, bytes]:
+    """The last rank hands each member the seeded streams of the requests it takes."""
+    link = membership.link
+    if not link.is_last:
+        return link.recv_message(RestoredGenerators, link.last_rank).generators
+    runner = membership.stage_runner
+    assert runner is not None and runner.sampler is not None
+    everything = runner.sampler.export_generators()
+    for rank in range(link.size - 1):
+        link.send_message(RestoredGenerators(generators={
+            rid: state for rid, state in everything.items()
+            if begin.assignment.get(rid) == rank}), rank)
+    link.flush()
+    return {rid: state for rid, state in everything.items()
+            if begin.assignment.get(rid) == link.rank}
+
+
+# -- the group broke ----------------------------------------------------------------------------
+def fall_back(engine: LLMEngine, membership: Membership) -> int:
+    """Serve solo again after the group broke: reload the whole model from the checkpoint,
+    re-read the KV range with the solo geometry, and put this engine's requests (the leader's:
+    the group's) back in the queue to be recomputed from prompt plus output so far. Returns
+    how many requests it requeued."""
+    _close(membership)
+    model, config = engine.model_config, engine.config
+    requests = engine.abandon_requests()
+    engine.stages = [load_stage(config.model, LayerRange.full(model.num_layers), config.dtype)]
+    cache = engine.kv_caches[0]
+    solo = membership.solo_memory
+    cache.reshape(kv_geometry(config, model, model.num_layers), solo.num_blocks, 0)
+    engine.install(ModelRunner(engine.stages, engine.kv_caches), solo)
+    _requeue(engine, requests)
+    return len(requests)
+
+
+def _requeue(engine: LLMEngine, requests: list[Request]) -> None:
+    """Queue requests whose KV is gone, to be recomputed from prompt plus output so far."""
+    for request in requests:
+        request.status, request.num_computed_tokens = RequestStatus.WAITING, 0
+        request.num_preemptions += 1
+        engine.scheduler.adopt(request)
+
+
+# -- migration (the llumnix policy) -------------------------------------------------------------
+def migrate(engine: LLMEngine, link: StageLink, max_blocks: int) -> int:
+    """Move running requests holding up to ``max_blocks`` KV blocks from rank 0 to rank 1 of a
+    2-member link, with their KV (every layer) and their progress, so they go on at once on
+    the destination (collective; stop-and-copy between two steps). Returns how many moved."""
+    if engine.drain():  # a solo engine runs one step at a time: nothing is ever left here
+        raise RuntimeError("migrate with steps in flight")
+    model, cache = engine.model_config, engine.kv_caches[0]
+    runner = engine.runner
+    assert isinstance(runner, ModelRunner)
+    full = LayerRange.full(model.num_layers)
+    if link.rank == 0:
+        chosen, total = [], 0
+        for request in reversed(engine.scheduler.running):  # newest first, as preemption
+            blocks = len(engine.block_manager.block_table(request.request_id))
+            if 0 < blocks and total + blocks <= max_blocks:
+                chosen.append(request.request_id)
+                total += blocks
+        states = engine.export_requests(chosen)
+        generators = runner.sampler.export_generators(chosen)
+        link.send_message(MigrateOffer(requests=states, generators=generators), 1)
+        answer = link.recv_message(MigrateAnswer, 1)
+        if answer.error or not states:
+            engine.adopt_requests(states, {s.request_id: s.block_table for s in states})
+            runner.sampler.import_generators(
+                generators, {s.request_id: s.sampling_params for s in states})
+            return 0
+        src = tuple(b for s in states for b in s.block_table)
+        dst = tuple(b for s in states for b in answer.tables[s.request_id])
+    else:
+        offer = link.recv_message(MigrateOffer, 0)
+        tables = _reserve_blocks(engine, offer.requests)
+        link.send_message(MigrateAnswer(tables=tables or {}, error=None if tables is not None
+                                        else "the destination has no room"), 0)
+        if tables is None or not offer.requests:
+            link.flush()
+            return 0
+        states = offer.requests
+        src = tuple(b for s in states for b in s.block_table)
+        dst = tuple(b for s in states for b in tables[s.request_id])
+    piece = KVPiece(0, 1, full.start, full.end, src, dst)
+    move_kv(cache, link, link.rank, [piece], cache.geometry, cache.num_blocks, 0)
+    if link.rank == 1:
+        engine.adopt_requests(states, tables)
+        runner.sampler.import_generators(offer.generators,
+                                         {s.request_id: s.sampling_params for s in states})
+    return len(states)
+
+
+def _reserve_blocks(engine: LLMEngine, states: list[RequestState]
+                    ) -> dict[str, list[int]] | None:
+    """Free blocks of this engine for each request (None when they do not all fit); they stay
+    free in the block manager until ``adopt_requests`` takes them after the KV arrives (no
+    step runs in between)."""
+    blocks, scheduler = engine.block_manager, engine.scheduler
+    needed = sum(len(s.block_table) for s in states)
+    if needed > blocks.num_free or len(scheduler.running) + len(states) > (
+            scheduler.config.max_num_seqs):
+        return None
+    tables = {}
+    for state in states:
+        blocks.allocate(state.request_id, len(state.block_table) * blocks.block_size)
+        tables[state.request_id] = list(blocks.block_table(state.request_id))
+    for state in states:
+        blocks.free(state.request_id)
+    return tables

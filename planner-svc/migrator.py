@@ -1,0 +1,56 @@
+"""The ``llumnix`` baseline's planner: migrate running requests from the instance short of KV
+to the one with room (``migration_policy.py``), one migration at a time, through the
+coordinator (a 2-member link; the topology does not change).
+
+It has the automatic planner's surface (``start``, ``observe``, ``close``), so the service
+drives either. After each migration it waits ``interval_s``, so the loads it decides on next
+show the move.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+
+from kunserve.planner.background_task import OneTaskAtATime
+from kunserve.planner.migration_policy import Migration, decide_migration
+from kunserve.planner.reconfiguration_coordinator import ReconfigurationCoordinator
+from kunserve.protocol import InstanceLoad, Topology
+
+logger = logging.getLogger(__name__)
+
+
+class Migrator(OneTaskAtATime):
+    def __init__(self, coordinator: ReconfigurationCoordinator, interval_s: float = 0.5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.coordinator = coordinator
+        self.interval_s = interval_s
+        self.clock = clock
+        self.migrations = 0  # succeeded so far
+        self._not_before = 0.0
+
+    def observe(self, topology: Topology, loads: Mapping[str, InstanceLoad],
+                reserved: Mapping) -> None:
+        if self.running or self.clock() < self._not_before:
+            return
+        migration = decide_migration(topology, loads, self.coordinator.busy)
+        if migration is not None:
+            self.launch(self._migrate(migration))
+
+    async def _migrate(self, migration: Migration) -> None:
+        try:
+            reply = await self.coordinator.migrate(migration.source, migration.destination,
+                                                   migration.blocks)
+        except Exception:  # a bug: log it, keep balancing
+            logger.exception("migration failed")
+            reply = None
+        if reply is not None and reply.ok:
+            self.migrations += 1
+            logger.info("migrated up to %d blocks of requests %s -> %s (%.2f s)",
+                        migration.blocks, migration.source, migration.destination,
+                        sum(reply.phase_seconds.values()))
+        else:
+            logger.warning("migration %s -> %s failed: %s", migration.source,
+                           migration.destination, reply.error if reply else "error")
+        self._not_before = self.clock() + self.interval_s

@@ -1,0 +1,131 @@
+"""``kunserve bench compare``: the same requests against a fresh stack per serving policy.
+
+For each policy: ``kunserve up --policy P --instances N`` (its own port, state and log under
+``OUT/<policy>/``), the replay, then the stack is stopped. The scenario (traces, window,
+scales, prompts) is built once, on the first policy's stack (its KV capacity and speed feed
+the KV-demand rule), and the very same request list is replayed against every policy. The SLO
+reference is the best policy's P50 TTFT and TPOT. Prints one side-by-side table with each
+policy's ratio to ``kunserve``; writes ``OUT/compare.{json,csv}``, ``OUT/slo.csv``, the TTFT
+CDF of all policies and each policy's files (``results.py``) and timeline.
+
+Every policy serves the same checkpoint (``--model``, else ``kunserve up``'s tiny model, built
+here first). Pipelined groups (``kunserve``'s drops, ``vllm-pp``'s pairs) cut their
+micro-batches by lookahead only with the model's cost model next to it, so a checkpoint that
+has none is profiled first (``kunserve profile``, once: ~1.5 min for the tiny model), unless
+``--no-profile``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from kunserve.bench.cluster_monitor import read_states
+from kunserve.bench.local_stack import LocalStack, StackOptions
+from kunserve.bench.plots import plot_ttft_cdf
+from kunserve.bench.replay import RunResult, add_run_args, replay_scenario, write_result
+from kunserve.bench.report import format_table
+from kunserve.bench.results import summary_row, write_csv, write_json
+from kunserve.bench.scenario import Scenario, add_scenario_args, build_scenario, describe
+from kunserve.bench.stack_probe import fetch_stack_info, warm_up
+from kunserve.bench.stats import SloPoint, slo_reference
+
+POLICIES = ("kunserve", "vllm", "vllm-pp", "infercept", "llumnix")
+BASELINE = "kunserve"
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "compare", help="replay the same requests against a fresh stack per policy; one "
+                        "side-by-side table (no trace options: the default burst demo)",
+        description=__doc__.splitlines()[0])
+    p.add_argument("--policies", type=_policies, default=list(POLICIES),
+                   help=f"comma-separated, from {','.join(POLICIES)} (default: all)")
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default=None, help="checkpoint (default: kunserve up's tiny "
+                                                 "model)")
+    p.add_argument("--memory-per-instance", default=None, help="passed to kunserve up")
+    p.add_argument("--threads-per-worker", type=int, default=None, help="passed to kunserve up")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--no-profile", action="store_true",
+                   help="do not profile a checkpoint that has no cost model (pipelined groups "
+                        "then batch without lookahead)")
+    add_run_args(p)
+    add_scenario_args(p)
+    p.set_defaults(func=run)
+
+
+def _policies(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in POLICIES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(
+            f"--policies takes distinct names from {','.join(POLICIES)}, got {text!r}")
+    return names
+
+
+def run(args: argparse.Namespace) -> int:
+    model = served_model(args.model, profile=not args.no_profile)
+    options = StackOptions(instances=args.instances, model=model,
+                           memory_per_instance=args.memory_per_instance,
+                           threads_per_worker=args.threads_per_worker,
+                           startup_timeout_s=args.startup_timeout)
+    scenario: Scenario | None = None
+    results: list[RunResult] = []
+    for policy in args.policies:
+        print(f"== {policy}: starting kunserve up --instances {args.instances} --policy "
+              f"{policy}", flush=True)
+        with LocalStack(args.out / policy, options, policy) as stack:
+            args.admin_token = stack.admin_token
+            info = asyncio.run(fetch_stack_info(stack.url, stack.admin_token, args.block_size))
+            baseline = asyncio.run(read_states(stack.url, stack.admin_token))
+            if scenario is None:
+                scenario = asyncio.run(build_scenario(args, stack.url, info))
+                print(describe(scenario.description), flush=True)
+            asyncio.run(warm_up(stack.url, info.model, info.vocab_size))
+            result = asyncio.run(replay_scenario(args, stack.url, scenario, policy, baseline))
+            result.config.update(policy=policy, instances=args.instances)
+            results.append(result)
+    _report(args.out, results)
+    return 0
+
+
+def served_model(model: str | None, profile: bool) -> str:
+    """The checkpoint every policy serves, with its cost model when ``profile``."""
+    from kunserve.launcher import LauncherSettings, ensure_tiny_model
+    from kunserve.worker.cost_model import FILE_NAME
+
+    if model is None:
+        model = str(ensure_tiny_model(LauncherSettings().cache_dir.expanduser().resolve()))
+    if profile and not (Path(model) / FILE_NAME).is_file():
+        print(f"== profiling {model} for the lookahead's cost model (kunserve profile; once)",
+              flush=True)
+        subprocess.run([sys.executable, "-m", "kunserve.cli", "profile", "--model", model],
+                       check=True)
+    return model
+
+
+def _report(out: Path, results: list[RunResult]) -> None:
+    summaries = {r.name: r.summary for r in results}
+    ref = slo_reference(summaries.values())
+    slo: dict[str, list[SloPoint]] = {r.name: write_result(out / r.name, r, ref)
+                                      for r in results}
+    plot_ttft_cdf({r.name: r.records for r in results}, out / "ttft_cdf.png",
+                  title="TTFT CDF per policy")
+    write_json(out / "compare.json", {
+        "slo_reference": ref and asdict(ref),
+        "scenario": results[0].config if results else {},
+        "policies": {name: {"summary": s.to_dict(), "slo": [asdict(p) for p in slo[name]]}
+                     for name, s in summaries.items()}})
+    write_csv(out / "compare.csv", [{"policy": n, **summary_row(s)}
+                                    for n, s in summaries.items()])
+    write_csv(out / "slo.csv", [{"policy": n, **asdict(p)} for n, points in slo.items()
+                                for p in points])
+    print()
+    print(format_table(summaries, slo, baseline=BASELINE))
+    print(f"\nresults in {out}")

@@ -1,0 +1,501 @@
+"""``kunserve bench drop``: what a parameter drop and restore cost, measured on real processes.
+
+For each group size ``g`` (``--instances``, default 2 and 4), ``g`` spawned processes each own
+a solo ``LLMEngine`` (default memory budget, ``--threads`` torch threads) serving its own
+``--requests-per-instance`` streaming greedy requests, and in one run:
+
+1. prepare: after a barrier, every member forms the epoch's ``StageLink`` at a TCPStore this
+   process hosts (``stage_link.meet``, what a worker does on the planner's prepare), timed from
+   the last member starting to each member's link being ready; in the mesh it happens while
+   the worker serves, so it is not part of any request's token gap;
+2. solo: the requests prefill, 2 decode steps warm up, ``--steps`` decode steps are timed; each
+   member then serves on until every member has finished its window (the commit) and drops
+   (``reconfigure.drop``: ``Membership.phases`` handover, free, exchange and the bytes of
+   ``Membership.kv_moved``);
+3. pipelined: the leader times its first ``step()`` after the drop, runs one more round, then
+   ``--steps`` × g timed steps (``--steps`` tokens per request), drains and restores
+   (``plan_restore``, ``restore``: phases restore_layers, restore_exchange, restore_total);
+   every member finishes its requests solo;
+4. raw link: every member sends the same per-layer KV chunks to the same peers in the same order
+   as the drop's exchange (the layout ``group_layout.drop_layout`` derives from the members'
+   block tables at the drop; ``kv_transfer.exchange_order``), with plain ``torch.distributed``
+   irecv/isend on a gloo group over the same loopback, receives posted first as the exchange
+   posts them, from and into preallocated buffers; the best of 3 rounds (by the slowest
+   member) counts.
+
+Every token is stamped with ``time.time()`` by the process that produced it (its member before
+the drop, the leader after), so the gap a request sees across the drop is measured end to end.
+A phase's figure is the slowest member's: the group waits for it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import json
+import os
+import queue
+import statistics
+import tempfile
+import time
+import traceback
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HOST = "127.0.0.1"
+TIMEOUT_S = 120.0
+WARM_STEPS = 2
+RAW_ROUNDS = 3
+MEMBER_DEADLINE_S = 900.0
+
+
+@dataclass(frozen=True)
+class DropBenchSpec:
+    model: str
+    size: int  # members of the group
+    requests_per_instance: int
+    prompt_len: int
+    output_len: int
+    steps: int
+    threads: int
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("drop", help="drop/restore phase times, KV exchange vs raw link, token "
+                                    "gap across the drop, pipelined vs solo decode")
+    p.add_argument("--model", default=None, help="checkpoint dir (default: a tiny 8-layer, "
+                                                 "hidden-512 Llama built on the fly)")
+    p.add_argument("--instances", type=_sizes, default=[2, 4],
+                   help="group sizes, comma-separated; one table each (default: 2,4)")
+    p.add_argument("--requests-per-instance", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=96)
+    p.add_argument("--steps", type=int, default=32,
+                   help="decode steps timed solo; tokens per request timed pipelined")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per member process")
+    p.add_argument("--json", default=None, help="write the figures to this file")
+    p.set_defaults(func=run)
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 2:
+        raise argparse.ArgumentTypeError(f"--instances takes group sizes >= 2, got {text!r}")
+    return sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    from kunserve.bench.engine import _build_default_model
+
+    # per request: prefill, warm-up, the solo window; pipelined the window and up to two
+    # more (the first round, the drain); restored at least one (a request still streams)
+    if args.steps < 2 or args.output_len < 2 * args.steps + WARM_STEPS + 4:
+        raise ValueError(f"--output-len must be at least 2 x --steps + {WARM_STEPS + 4} "
+                         f"(got {args.output_len} and {args.steps})")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kunserve-bench-drop-") as tmp:
+        model = args.model or _build_default_model(Path(tmp) / "bench-model")
+        for size in args.instances:
+            print(f"  {size} instances -> one group ...", flush=True)
+            results.append(measure(DropBenchSpec(
+                model, size, args.requests_per_instance, args.prompt_len, args.output_len,
+                args.steps, args.threads)))
+    for result in results:
+        _print_table(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+# -- the parent: spawn the members, merge what they saw ----------------------------------------
+def measure(spec: DropBenchSpec) -> dict:
+    from kunserve.worker.model_config import ModelConfig
+
+    model = ModelConfig.from_dir(spec.model)
+    gen = torch.Generator().manual_seed(spec.size)
+    prompts = [{f"m{rank}-{i}": torch.randint(5, model.vocab_size, (spec.prompt_len,),
+                                              generator=gen).tolist()
+                for i in range(spec.requests_per_instance)} for rank in range(spec.size)]
+    store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    processes = [ctx.Process(target=_member_main, daemon=True,
+                             args=(spec, store.port, rank, prompts[rank], results))
+                 for rank in range(spec.size)]
+    for process in processes:
+        process.start()
+    try:
+        got = _collect(results, processes)
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    errors = [f"member {rank}:\n{error}" for rank, _, error in got if error]
+    if errors:
+        raise RuntimeError("the drop bench failed\n" + "\n".join(errors))
+    return summarize(spec, model.num_layers, [report for _, report, _ in sorted(got)])
+
+
+def _collect(results, processes) -> list[tuple[int, dict | None, str | None]]:
+    got: list[tuple[int, dict | None, str | None]] = []
+    deadline = time.monotonic() + MEMBER_DEADLINE_S
+    while len(got) < len(processes):
+        try:
+            got.append(results.get(timeout=1.0))
+            continue
+        except queue.Empty:
+            pass
+        reported = {rank for rank, *_ in got}
+        dead = [r for r, p in enumerate(processes) if r not in reported and not p.is_alive()]
+        if dead or time.monotonic() > deadline:
+            why = f"member(s) {dead} died" if dead else f"no report within {MEMBER_DEADLINE_S} s"
+            raise RuntimeError(f"the drop bench failed: {why}")
+    return got
+
+
+def summarize(spec: DropBenchSpec, num_layers: int, members: list[dict]) -> dict:
+    """The figures of one run from every member's report (in rank order)."""
+    leader = members[0]
+    phases = _phases(members)
+    times = _token_times(members)
+    counts = {rid: sum(len(v) for v in by_phase.values()) for rid, by_phase in times.items()}
+    block_size = leader["block_size"]
+    return {
+        **asdict(spec), "num_layers": num_layers, "cpu_count": os.cpu_count(),
+        "phases_s": phases, **_exchange(members),
+        "gap": _gaps(spec, members, times, max(phases["KV exchange"])),
+        "decode": _decode(spec, members, times),
+        "kv_tokens": {"solo_per_instance": leader["solo_memory"]["blocks_total"] * block_size,
+                      "group": leader["group_memory"]["blocks_total"] * block_size},
+        "every_request_complete": len(counts) == spec.size * spec.requests_per_instance
+        and all(n == spec.output_len for n in counts.values()),
+    }
+
+
+def _phases(members: list[dict]) -> dict[str, list[float]]:
+    """Seconds per row of the phase table, one per member (the leader's only for its step)."""
+    phases = {}
+    for name, key, _ in _ROWS:
+        if key == "prepare_at":  # from the last member starting to each one's link
+            last_start = max(m["prepare_at"][0] for m in members)
+            phases[name] = [m["prepare_at"][1] - last_start for m in members]
+        elif key == "first_step_s":
+            phases[name] = [members[0]["first_step_s"]]
+        else:
+            phases[name] = [m["phases"][key] for m in members]
+    return phases
+
+
+def _exchange(members: list[dict]) -> dict:
+    """The drop's KV exchange against the raw link's best round (by its slowest member)."""
+    rounds = range(len(members[0]["raw"]["seconds"]))
+    slowest = [max(m["raw"]["seconds"][i] for m in members) for i in rounds]
+    best = min(rounds, key=lambda i: slowest[i])
+    rows = []
+    for m in members:
+        sent, seconds, raw = m["kv_moved"]["bytes_sent"], m["phases"]["exchange"], m["raw"]
+        rows.append({"rank": m["rank"], "bytes_sent": sent,
+                     "bytes_received": m["kv_moved"]["bytes_received"],
+                     "bytes_copied": m["kv_moved"]["bytes_copied"], "exchange_s": seconds,
+                     "raw_bytes_sent": raw["bytes_sent"], "raw_s": raw["seconds"][best],
+                     "gb_s": sent / seconds / 1e9,
+                     "raw_gb_s": raw["bytes_sent"] / raw["seconds"][best] / 1e9,
+                     "exchange_cpu_s": m["kv_moved"]["cpu_seconds"],
+                     "raw_cpu_s": raw["cpu_seconds"][best]})
+    agg = sum(r["bytes_sent"] for r in rows) / max(r["exchange_s"] for r in rows) / 1e9
+    raw_agg = sum(r["raw_bytes_sent"] for r in rows) / slowest[best] / 1e9
+    cpu = sum(r["raw_cpu_s"] for r in rows) / sum(r["exchange_cpu_s"] for r in rows)
+    return {"exchange": rows, "exchange_gb_s": agg, "raw_gb_s": raw_agg,
+            "exchange_vs_raw": agg / raw_agg, "raw_rounds_s": slowest, "raw_vs_exchange_cpu": cpu}
+
+
+def _token_times(members: list[dict]) -> dict[str, dict[str, list[float]]]:
+    """request -> phase (solo, group, restored) -> its tokens' stamps, from every process."""
+    times: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for m in members:
+        for rid, events in m["tokens"].items():
+            for t, phase in events:
+                times[rid][phase].append(t)
+    return times
+
+
+def _gaps(spec: DropBenchSpec, members: list[dict], times: dict, exchange_s: float) -> dict:
+    """Each request's gap from its last solo token (its member) to its first pipelined token
+    (the leader), against 2 solo decode steps of its member + the exchange; and across the
+    restore (last pipelined token to first solo one)."""
+    owner = {rid: m["rank"] for m in members for rid in m["requests"]}
+    solo_step = {m["rank"]: (m["solo_window"][1] - m["solo_window"][0]) / spec.steps
+                 for m in members}
+    gaps = [{"request": rid, "gap_s": min(by_phase["group"]) - max(by_phase["solo"]),
+             "bound_s": 2 * solo_step[owner[rid]] + exchange_s,
+             "restore_gap_s": min(by_phase["restored"]) - max(by_phase["group"])}
+            for rid, by_phase in sorted(times.items())]
+    return {"worst": max(gaps, key=lambda g: g["gap_s"]),
+            "within_bound": sum(g["gap_s"] < g["bound_s"] for g in gaps),
+            "requests": len(gaps), "solo_step_s": solo_step, "exchange_s": exchange_s,
+            "worst_restore_gap_s": max(g["restore_gap_s"] for g in gaps)}
+
+
+def _decode(spec: DropBenchSpec, members: list[dict], times: dict) -> dict:
+    """Tokens/s and mean inter-token latency in the solo windows (every member's, side by
+    side) and in the leader's pipelined window, for the same requests."""
+    solo_tokens, solo_itl = 0, []
+    for m in members:
+        n, itl = _window([times[rid]["solo"] for rid in m["requests"]], *m["solo_window"])
+        solo_tokens, solo_itl = solo_tokens + n, solo_itl + itl
+    solo_s = (max(m["solo_window"][1] for m in members)
+              - min(m["solo_window"][0] for m in members))
+    window = members[0]["group_window"]
+    pipe_tokens, pipe_itl = _window([t["group"] for t in times.values()], *window)
+    pipe_s = window[1] - window[0]
+    decode = {"solo": {"tok_s": solo_tokens / solo_s, "itl_ms": 1e3 * statistics.mean(solo_itl),
+                       "tokens": solo_tokens, "seconds": solo_s},
+              "pipelined": {"tok_s": pipe_tokens / pipe_s,
+                            "itl_ms": 1e3 * statistics.mean(pipe_itl), "tokens": pipe_tokens,
+                            "seconds": pipe_s}}
+    decode["tpot_ratio"] = decode["pipelined"]["itl_ms"] / decode["solo"]["itl_ms"]
+    return decode
+
+
+# (row, where the seconds are: a report key or a ``Membership.phases`` key, what it covers)
+_ROWS = [("prepare", "prepare_at", "StageLink at the TCPStore (meet), before the requests"),
+         ("handover", "handover", "export requests, agree on the layout, narrow the stage"),
+         ("free", "free", "let the other layers go, install the new runner"),
+         ("KV exchange", "exchange", "pack, re-read the cache (grow), send/recv"),
+         ("drop total", "total", "handover + free + exchange + stage runner"),
+         ("first pipelined step (leader)", "first_step_s", "fill g micro-batches, collect one"),
+         ("restore: pull layers", "restore_layers", "every member gets the whole model"),
+         ("restore: KV exchange", "restore_exchange", "each request's KV to its member"),
+         ("restore total", "restore_total", "")]
+
+
+def _window(per_request: list[list[float]], start: float, end: float) -> tuple[int, list[float]]:
+    """Tokens produced in ``(start, end]`` and the gaps between consecutive tokens of one
+    request inside ``[start, end]`` (``start`` is the last warm-up step's stamp)."""
+    tokens, gaps = 0, []
+    for stamps in per_request:
+        inside = sorted(t for t in stamps if start <= t <= end)
+        tokens += sum(t > start for t in inside)
+        gaps += [b - a for a, b in itertools.pairwise(inside)]
+    return tokens, gaps
+
+
+# -- a member process --------------------------------------------------------------------------
+def _member_main(spec: DropBenchSpec, port: int, rank: int, prompts: dict[str, list[int]],
+                 results) -> None:
+    try:
+        results.put((rank, _Member(spec, port, rank).run(prompts), None))
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        results.put((rank, None, traceback.format_exc()))
+
+
+class _Member:
+    def __init__(self, spec: DropBenchSpec, port: int, rank: int) -> None:
+        self.spec, self.port, self.rank = spec, port, rank
+        self.store = dist.TCPStore(HOST, port, is_master=False, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        self.tokens: dict[str, list[tuple[float, str]]] = defaultdict(list)
+        self.report: dict = {"rank": rank}
+
+    def take(self, phase: str, outputs) -> float:
+        """Stamp every token of a step's outputs; returns the stamp."""
+        now = time.time()
+        for out in outputs:
+            if out.error:
+                raise RuntimeError(f"request {out.request_id} failed: {out.error}")
+            self.tokens[out.request_id] += [(now, phase)] * len(out.new_token_ids)
+        return now
+
+    def barrier(self, name: str) -> None:
+        self.store.add(name, 1)
+        while self.store.add(name, 0) < self.spec.size:
+            time.sleep(0.0005)
+
+    def run(self, prompts: dict[str, list[int]]) -> dict:
+        from kunserve.worker.engine import EngineConfig, LLMEngine
+        from kunserve.worker.pipeline import reconfigure
+        from kunserve.worker.pipeline.stage_link import meet
+        from kunserve.worker.sampling_params import SamplingParams
+
+        spec, report = self.spec, self.report
+        engine = LLMEngine(EngineConfig(model=spec.model, num_threads=spec.threads))
+        engine.generate([next(iter(prompts.values()))],  # warm-up: first prefill and decode
+                        SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
+        self.barrier("loaded")
+        start = time.time()
+        link = meet(HOST, self.port, "bench-group", 1, self.rank, spec.size,
+                    timeout_s=TIMEOUT_S, bind_host=HOST)
+        report["prepare_at"] = (start, time.time())
+        report["solo_memory"] = engine.memory_report()
+        report["requests"] = list(prompts)
+        report["block_size"] = engine.config.block_size
+        self.barrier("prepared")
+
+        params = SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
+        for rid, prompt in prompts.items():
+            engine.add_request(prompt, params, rid)
+        while any(rid not in self.tokens for rid in prompts):  # prefill
+            window_start = self.take("solo", engine.step())
+        for _ in range(WARM_STEPS):
+            window_start = self.take("solo", engine.step())
+        for _ in range(spec.steps):
+            window_end = self.take("solo", engine.step())
+        report["solo_window"] = (window_start, window_end)
+        self.serve_until_commit(engine, prompts)
+
+        tables = {rid: engine.block_manager.block_table(rid) for rid in engine.scheduler.requests}
+        self.store.set(f"tables/{self.rank}", json.dumps(tables))
+        membership = reconfigure.drop(engine, link, "bench-group")
+        report["group_memory"] = engine.memory_report()
+        report["kv_moved"] = asdict(membership.kv_moved)
+        if link.is_leader:
+            self.lead(engine)
+            begin = reconfigure.plan_restore(engine, membership)
+        else:
+            begin = membership.stage_runner.run()
+            if begin is None:
+                raise RuntimeError("the leader ended the epoch instead of restoring")
+        reconfigure.restore(engine, membership, begin)
+        report["phases"] = dict(membership.phases)
+        while engine.has_unfinished():
+            self.take("restored", engine.step())
+        report["raw"] = self.raw_link(engine)
+        report["tokens"] = dict(self.tokens)
+        return report
+
+    def serve_until_commit(self, engine, prompts: dict[str, list[int]]) -> None:
+        """Serve on until every member has finished its timed window (the planner's commit
+        reaches every member between two of its steps); step no further when the requests
+        would not have enough tokens left for the pipelined window and the restore."""
+        self.store.add("window-done", 1)
+        keep = self.spec.steps + 3
+        while self.store.add("window-done", 0) < self.spec.size:
+            if min(self.spec.output_len - len(self.tokens[r]) for r in prompts) > keep:
+                self.take("solo", engine.step())
+            else:
+                time.sleep(0.0005)
+
+    def lead(self, engine) -> None:
+        """The leader after the drop: the first step, one round, the timed window, drain."""
+        start = time.perf_counter()
+        window_start = self.take("group", engine.step())
+        self.report["first_step_s"] = time.perf_counter() - start
+        for _ in range(self.spec.size - 1):
+            window_start = self.take("group", engine.step())
+        for _ in range(self.spec.steps * self.spec.size):
+            window_end = self.take("group", engine.step())
+        self.report["group_window"] = (window_start, window_end)
+        self.take("group", engine.drain())
+
+    def raw_link(self, engine) -> dict:
+        """Send this member's chunks of the drop's KV exchange again with plain
+        torch.distributed on a gloo group over loopback, in ``move_kv``'s order
+        (``exchange_order``) and way: every receive posted, then every send, then all waited;
+        from and into preallocated buffers, nothing packed or scattered."""
+        from kunserve.worker.checkpoint import TORCH_DTYPES
+        from kunserve.worker.group_layout import drop_layout
+        from kunserve.worker.pipeline.kv_transfer import exchange_order
+
+        size, rank = self.spec.size, self.rank
+        tables = [json.loads(self.store.get(f"tables/{r}")) for r in range(size)]
+        pieces = drop_layout(engine.model_config.num_layers, tables, [1 << 40] * size).pieces
+        outgoing, incoming = exchange_order(pieces, rank, size)
+        model, config = engine.model_config, engine.config
+        slot = (2, config.block_size, model.num_kv_heads, model.head_dim)
+        dtype = TORCH_DTYPES[config.dtype]
+        sends = [(p.dst, torch.zeros((len(p.src_blocks), *slot), dtype=dtype))
+                 for p in outgoing if p.dst != rank for _ in range(p.num_layers)]
+        recvs = [(p.src, torch.empty((len(p.dst_blocks), *slot), dtype=dtype))
+                 for p in incoming for _ in range(p.num_layers)]
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the StageLink's address: 127.0.0.1
+        dist.init_process_group("gloo", store=dist.PrefixStore("raw-link", self.store),
+                                rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        seconds, cpu_seconds = [], []
+        try:
+            for _ in range(RAW_ROUNDS):
+                dist.barrier()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                works = [dist.irecv(buffer, src) for src, buffer in recvs]
+                works += [dist.isend(tensor, dst) for dst, tensor in sends]
+                for work in works:
+                    work.wait()
+                seconds.append(time.perf_counter() - start)
+                cpu_seconds.append(time.process_time() - cpu_start)
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        return {"bytes_sent": sum(t.nbytes for _, t in sends), "seconds": seconds,
+                "cpu_seconds": cpu_seconds}
+
+
+# -- the table ---------------------------------------------------------------------------------
+def _print_table(r: dict) -> None:
+    g = r["size"]
+    print(f"\ndrop bench: {g} solo instances -> one {g}-stage group -> restore  ({r['num_layers']}"
+          f" layers; {r['requests_per_instance']} streaming greedy requests per instance, "
+          f"prompt {r['prompt_len']}, output {r['output_len']}; {r['threads']} torch "
+          f"thread(s) per process)")
+    print(f"note: the {g} member processes share this machine's {r['cpu_count']} CPU cores, so "
+          "pipelined decode is slower here than it would be on one GPU per stage")
+    print(f"\n{'phase (slowest member)':<32} {'ms':>9}  per member (ms){'':<14} what")
+    for name, _, what in _ROWS:
+        values = r["phases_s"][name]
+        each = " ".join(f"{1e3 * v:.1f}" for v in values)
+        print(f"{name:<32} {1e3 * max(values):>9.1f}  {each:<29} {what}")
+
+    rounds = " / ".join(f"{1e3 * s:.1f}" for s in r["raw_rounds_s"])
+    print("\nKV exchange vs raw torch.distributed irecv/isend (same chunks, same peers, same order,"
+          f" gloo over loopback; raw rounds, slowest member: {rounds} ms, the best counts; the "
+          "first receives into untouched buffers)")
+    print(f"{'rank':>6} {'sent MB':>8} {'recv MB':>8} {'exch ms':>8} {'exch GB/s':>10} "
+          f"{'raw ms':>8} {'raw GB/s':>9} {'ratio':>6}  {'CPU ms: exch':>12} {'raw':>6}")
+    for e in r["exchange"]:
+        print(f"{e['rank']:>6} {e['bytes_sent'] / 1e6:>8.2f} {e['bytes_received'] / 1e6:>8.2f} "
+              f"{1e3 * e['exchange_s']:>8.1f} {e['gb_s']:>10.2f} {1e3 * e['raw_s']:>8.1f} "
+              f"{e['raw_gb_s']:>9.2f} {e['gb_s'] / e['raw_gb_s']:>6.0%}  "
+              f"{1e3 * e['exchange_cpu_s']:>12.1f} {1e3 * e['raw_cpu_s']:>6.1f}")
+    print(f"{'all':>6} {sum(e['bytes_sent'] for e in r['exchange']) / 1e6:>8.2f} {'':>8} "
+          f"{1e3 * max(e['exchange_s'] for e in r['exchange']):>8.1f} {r['exchange_gb_s']:>10.2f}"
+          f" {1e3 * max(e['raw_s'] for e in r['exchange']):>8.1f} {r['raw_gb_s']:>9.2f} "
+          f"{r['exchange_vs_raw']:>6.0%}   target >= 50%: "
+          f"{'met' if r['exchange_vs_raw'] >= 0.5 else 'NOT met'}")
+    print(f"CPU time (every thread of each member, summed): raw / exchange = "
+          f"{r['raw_vs_exchange_cpu']:.0%}; the exchange also packs and scatters every byte, "
+          "and the members share the machine's cores")
+
+    gap = r["gap"]
+    worst = gap["worst"]
+    step = 1e3 * max(gap["solo_step_s"].values())
+    print(f"\nlongest inter-token gap across the drop: {1e3 * worst['gap_s']:.1f} ms "
+          f"(request {worst['request']}); bound 2 x solo decode step + exchange = "
+          f"{1e3 * worst['bound_s']:.1f} ms; within the bound: {gap['within_bound']} of "
+          f"{gap['requests']} requests  (solo step, slowest member: {step:.1f} ms; exchange "
+          f"{1e3 * gap['exchange_s']:.1f} ms)")
+    print(f"longest inter-token gap across the restore: {1e3 * gap['worst_restore_gap_s']:.1f}"
+          " ms")
+
+    d = r["decode"]
+    print(f"\n{'decode, same requests':<34} {'tok/s':>8} {'mean ITL ms':>12} {'tokens':>7} "
+          f"{'window s':>9}")
+    for label, key in ((f"solo ({g} instances side by side)", "solo"),
+                       (f"pipelined (one {g}-stage group)", "pipelined")):
+        row = d[key]
+        print(f"{label:<34} {row['tok_s']:>8.1f} {row['itl_ms']:>12.2f} {row['tokens']:>7} "
+              f"{row['seconds']:>9.2f}")
+    print(f"pipelined / solo TPOT: {d['tpot_ratio']:.2f}x  (paper, on GPUs: 1.16-1.23x)")
+    kv = r["kv_tokens"]
+    print(f"KV capacity: {kv['solo_per_instance']} tokens per solo instance ({g} x = "
+          f"{g * kv['solo_per_instance']}), {kv['group']} tokens in the group; every request "
+          f"got all {r['output_len']} tokens: {'yes' if r['every_request_complete'] else 'NO'}")

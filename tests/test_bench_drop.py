@@ -1,0 +1,126 @@
+"""``kunserve bench drop`` at a tiny size: two real member processes drop into a group, serve
+pipelined and restore; the table has every row and its figures add up (no timing targets)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kunserve.cli import main
+
+ROWS = ["prepare", "handover", "free", "KV exchange", "drop total",
+        "first pipelined step (leader)", "restore: pull layers", "restore: KV exchange",
+        "restore total"]
+
+
+@pytest.fixture(scope="module")
+def drop_run(tmp_path_factory) -> tuple[str, dict]:
+    import contextlib
+    import io
+
+    from kunserve.tiny_model import make_tiny_model
+
+    root = tmp_path_factory.mktemp("bench-drop")
+    model = make_tiny_model(root / "llama4", arch="llama", layers=4, hidden_size=64, heads=4,
+                            kv_heads=2, intermediate_size=128, vocab_size=512, seed=3)
+    out, text = root / "drop.json", io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main(["bench", "drop", "--model", str(model), "--instances", "2",
+                     "--requests-per-instance", "2", "--prompt-len", "12", "--output-len", "16",
+                     "--steps", "3", "--json", str(out)])
+    assert code == 0, text.getvalue()
+    [result] = json.loads(out.read_text())
+    return text.getvalue(), result
+
+
+def test_the_table_has_every_section(drop_run):
+    text, _ = drop_run
+    for row in ROWS:
+        assert f"\n{row} " in text, row
+    for line in ("KV exchange vs raw torch.distributed", "longest inter-token gap across the "
+                 "drop", "solo (2 instances side by side)", "pipelined (one 2-stage group)",
+                 "pipelined / solo TPOT", "share this machine's", "CPU time (every thread"):
+        assert line in text, line
+    assert "every request got all 16 tokens: yes" in text
+
+
+def test_phase_times_are_positive_and_nest(drop_run):
+    _, r = drop_run
+    phases = r["phases_s"]
+    assert list(phases) == ROWS
+    assert all(v > 0 for values in phases.values() for v in values)
+    assert len(phases["first pipelined step (leader)"]) == 1
+    for m in range(2):
+        parts = sum(phases[p][m] for p in ("handover", "free", "KV exchange"))
+        assert phases["drop total"][m] >= parts
+        restored = phases["restore: pull layers"][m] + phases["restore: KV exchange"][m]
+        assert phases["restore total"][m] >= restored
+
+
+def test_exchange_and_raw_link_move_the_same_bytes(drop_run):
+    _, r = drop_run
+    exchange = r["exchange"]
+    assert [e["rank"] for e in exchange] == [0, 1]
+    for e in exchange:
+        assert e["bytes_sent"] == e["raw_bytes_sent"] > 0  # the raw replay of the same chunks
+        assert e["exchange_s"] > 0 and e["raw_s"] > 0
+        assert e["gb_s"] == pytest.approx(e["bytes_sent"] / e["exchange_s"] / 1e9)
+    assert sum(e["bytes_sent"] for e in exchange) == sum(e["bytes_received"] for e in exchange)
+    assert r["exchange_vs_raw"] == pytest.approx(r["exchange_gb_s"] / r["raw_gb_s"])
+    assert min(r["raw_rounds_s"]) == pytest.approx(max(e["raw_s"] for e in exchange))
+    assert all(e["exchange_cpu_s"] > 0 and e["raw_cpu_s"] > 0 for e in exchange)
+    assert r["raw_vs_exchange_cpu"] == pytest.approx(
+        sum(e["raw_cpu_s"] for e in exchange) / sum(e["exchange_cpu_s"] for e in exchange))
+
+
+@pytest.mark.parametrize("size", [2, 3, 4])
+def test_the_exchange_order_pairs_every_send_with_its_receive(size):
+    """What the raw replay and ``move_kv`` both follow: round k sends to rank + k and receives
+    from rank - k, and between any two members the receiver expects the sender's chunks in
+    the sender's order (gloo matches them first in, first out)."""
+    from kunserve.worker.group_layout import drop_layout
+    from kunserve.worker.pipeline.kv_transfer import exchange_order
+
+    tables = [{f"m{m}-{i}": list(range(3 * i, 3 * i + 3)) for i in range(2)}
+              for m in range(size)]
+    for layers in (8, 5):  # even (zero-copy) and uneven (local pieces too)
+        pieces = drop_layout(layers, tables, [1 << 20] * size).pieces
+        orders = [exchange_order(pieces, rank, size) for rank in range(size)]
+        for rank, (outgoing, incoming) in enumerate(orders):
+            sends = [p.dst for p in outgoing if p.dst != rank]
+            assert sends == sorted(sends, key=lambda d: (d - rank) % size)
+            assert [p.dst for p in outgoing if p.dst == rank] == [rank] * (len(outgoing)
+                                                                       - len(sends))
+            assert [p.src for p in incoming] == sorted((p.src for p in incoming),
+                                                      key=lambda s: (rank - s) % size)
+            for src in range(size):
+                if src != rank:
+                    assert ([p for p in orders[src][0] if p.dst == rank]
+                            == [p for p in incoming if p.src == src])
+        assert sum(len(out) for out, _ in orders) == len(pieces)
+
+
+def test_gap_and_decode_figures_are_consistent(drop_run):
+    _, r = drop_run
+    gap = r["gap"]
+    assert gap["requests"] == 4 and 0 <= gap["within_bound"] <= 4
+    assert gap["worst"]["gap_s"] > 0 and gap["worst_restore_gap_s"] > 0
+    assert gap["exchange_s"] == max(r["phases_s"]["KV exchange"])
+    assert gap["worst"]["bound_s"] > gap["exchange_s"]
+    decode = r["decode"]
+    for phase in ("solo", "pipelined"):
+        row = decode[phase]
+        assert row["tokens"] == 4 * 3  # every request, --steps tokens in each window
+        assert row["tok_s"] == pytest.approx(row["tokens"] / row["seconds"])
+        assert row["itl_ms"] > 0
+    assert decode["tpot_ratio"] == pytest.approx(
+        decode["pipelined"]["itl_ms"] / decode["solo"]["itl_ms"])
+    assert r["every_request_complete"]
+    assert r["kv_tokens"]["group"] > 2 * r["kv_tokens"]["solo_per_instance"]
+
+
+def test_too_short_an_output_is_refused_before_spawning(capsys):
+    assert main(["bench", "drop", "--model", "unused", "--output-len", "10",
+                 "--steps", "4"]) == 2
+    assert "--output-len must be at least" in capsys.readouterr().err

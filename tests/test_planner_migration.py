@@ -1,0 +1,46 @@
+"""The llumnix baseline's decision: migrate from the instance short of KV to the one with room,
+as much as the shortfall needs and at most half the room; nothing when balanced."""
+
+from __future__ import annotations
+
+from kunserve.planner.membership import solo_instance
+from kunserve.planner.migration_policy import Migration, decide_migration, freeness
+from kunserve.protocol import InstanceInfo, InstanceLoad, Topology
+
+
+def load(instance_id: str, used: int, queued_tokens: int = 0, waiting: int = 0,
+         total: int = 100) -> InstanceLoad:
+    return InstanceLoad(instance_id=instance_id, blocks_total=total, blocks_used=used,
+                        block_size=16, queued_tokens=queued_tokens, waiting=waiting)
+
+
+def topology(*ids: str, pipelined: tuple[str, ...] = ()) -> Topology:
+    instances = [solo_instance(i, 4) for i in ids]
+    instances += [InstanceInfo(instance_id=i, state="pipelined", group_id="g1", stage=s)
+                  for s, i in enumerate(pipelined)]
+    return Topology(epoch=3, instances=instances)
+
+
+def test_short_instance_hands_requests_to_the_freest():
+    loads = {"a": load("a", 95, queued_tokens=16 * 20, waiting=3), "b": load("b", 40),
+             "c": load("c", 70)}
+    assert freeness(loads["a"]) == -15
+    assert decide_migration(topology("a", "b", "c"), loads, ()) == Migration("a", "b", 15)
+    # half the room at most: b has 10 free blocks, c 8
+    loads["b"], loads["c"] = load("b", 90), load("c", 92)
+    assert decide_migration(topology("a", "b", "c"), loads, ()) == Migration("a", "b", 5)
+
+
+def test_no_migration_when_nobody_is_short_or_nobody_has_room():
+    balanced = {"a": load("a", 50), "b": load("b", 60)}
+    assert decide_migration(topology("a", "b"), balanced, ()) is None
+    crowded = {"a": load("a", 95, 16 * 20, 3), "b": load("b", 96, waiting=0)}
+    assert decide_migration(topology("a", "b"), crowded, ()) is None  # 4 free < 10%
+    queued_everywhere = {"a": load("a", 95, 16 * 20, 3), "b": load("b", 10, 16, 1)}
+    assert decide_migration(topology("a", "b"), queued_everywhere, ()) is None
+
+
+def test_busy_and_pipelined_instances_are_left_alone():
+    loads = {"a": load("a", 95, 16 * 20, 3), "b": load("b", 10), "p": load("p", 0)}
+    assert decide_migration(topology("a", "b"), loads, busy={"b"}) is None
+    assert decide_migration(topology("a", pipelined=("p",)), loads, ()) is None

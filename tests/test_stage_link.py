@@ -1,0 +1,87 @@
+"""``StageLink`` framing between two real gloo ranks (two threads, one TCPStore): a message and
+its tensor in one frame, a message longer than a frame, a tensor too big for the frame, and
+receives posted ahead completing in order."""
+
+from __future__ import annotations
+
+import threading
+
+import msgspec
+import torch
+
+from kunserve.servers import free_port
+from kunserve.worker.pipeline.stage_link import StageLink, connect_store
+
+
+class Note(msgspec.Struct, tag=True):
+    seq: int
+    text: str = ""
+
+
+def _pair(body0, body1) -> list:
+    port, results, errors = free_port(), [None, None], []
+
+    def rank(r: int, body) -> None:
+        try:
+            link = StageLink(connect_store("127.0.0.1", port, r), r, 2, epoch=1, timeout_s=30,
+                             frame_bytes=4096)
+            try:
+                results[r] = body(link)
+                link.flush()
+            finally:
+                link.close()
+        except BaseException as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=rank, args=(r, b)) for r, b in ((0, body0), (1, body1))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return results
+
+
+def test_messages_and_tensors_in_and_beyond_one_frame():
+    small = torch.arange(12, dtype=torch.float32).reshape(3, 4)  # fits in the frame
+    big = torch.randn(40, 64)  # 10 KiB: travels after the frame
+    long_text = "x" * 10_000  # longer than a 4 KiB frame
+
+    def send(link: StageLink):
+        link.send_message(Note(1), 1, small)
+        link.send_message(Note(2, long_text), 1, big)
+        link.send_message(Note(3, long_text), 1)
+
+    def receive(link: StageLink):
+        out = []
+        for shape in ((3, 4), (40, 64), None):
+            got = link.recv_frame(0)
+            note = link.decode(got.data, Note, 0)
+            out.append((note, got.tensor_in_frame,
+                        got.tensor(shape, torch.float32) if shape else None))
+        return out
+
+    _, received = _pair(send, receive)
+    assert [n.seq for n, _, _ in received] == [1, 2, 3]
+    assert received[1][0].text == long_text and received[2][0].text == long_text
+    assert [in_frame for _, in_frame, _ in received] == [True, False, False]
+    assert torch.equal(received[0][2], small) and torch.equal(received[1][2], big)
+
+
+def test_receives_posted_ahead_complete_in_order():
+    def send(link: StageLink):
+        for seq in range(5):
+            link.send_message(Note(seq), 1, torch.full((2,), float(seq)))
+
+    def receive(link: StageLink):
+        for _ in range(3):
+            link.post_ahead(0)  # three posted before any message is sent or taken
+        out = []
+        for _ in range(5):
+            got = link.recv_frame(0)
+            out.append((link.decode(got.data, Note, 0).seq, got.tensor((2,), torch.float32)))
+        return out
+
+    _, received = _pair(send, receive)
+    assert [seq for seq, _ in received] == list(range(5))
+    assert all(torch.equal(t, torch.full((2,), float(seq))) for seq, t in received)
