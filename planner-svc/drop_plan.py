@@ -23,11 +23,15 @@ it are the caller's.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import groupby
 from operator import itemgetter
 
 from kunserve.planner.group_capacity import GroupCapacity
+
+
+# a queue entry: (size, -deficit, seq, members); seq orders equal deficits, says which are new
+_Entry = tuple[int, int, int, tuple[str, ...]]
 
 
 @dataclass(frozen=True)
@@ -43,10 +47,16 @@ class PlanGroup:
 class DropPlan:
     need_tokens: int  # demand the topology does not hold, in KV tokens
     gain_tokens: int  # what the merges add (the estimate)
-    groups: tuple[tuple[str, ...], ...]  # every group after the plan, new ones last
     new_groups: tuple[tuple[str, ...], ...]  # the groups to form: one drop each
     merges: int  # greedy steps taken
     last_gain_tokens: int = 0  # what the last step added (it was needed: gain - this < need)
+    _entries: tuple[_Entry, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def groups(self) -> tuple[tuple[str, ...], ...]:
+        """Every group after the plan: the untouched ones in the order given, new ones last
+        (ordered when asked for, not on the planner's path)."""
+        return tuple(entry[3] for entry in sorted(self._entries, key=itemgetter(2)))
 
     @property
     def shortfall_tokens(self) -> int:
@@ -55,10 +65,6 @@ class DropPlan:
     @property
     def sufficient(self) -> bool:
         return self.shortfall_tokens == 0
-
-
-# a queue entry: (size, -deficit, seq, members); seq orders equal deficits, says which are new
-_Entry = tuple[int, int, int, tuple[str, ...]]
 
 
 def plan_drop(groups: Sequence[PlanGroup], need_tokens: int,
@@ -74,11 +80,12 @@ def plan_drop(groups: Sequence[PlanGroup], need_tokens: int,
         gain += steps * delta
         merges += steps
         last = delta
-    entries = sorted(queue.entries(), key=itemgetter(2))
+    entries = queue.entries()
+    new = [entry for entry in entries if entry[2] >= len(groups)]
+    new.sort(key=itemgetter(2))
     return DropPlan(need_tokens=need_tokens, gain_tokens=gain,
-                    groups=tuple(entry[3] for entry in entries),
-                    new_groups=tuple(entry[3] for entry in entries if entry[2] >= len(groups)),
-                    merges=merges, last_gain_tokens=last)
+                    new_groups=tuple(entry[3] for entry in new), merges=merges,
+                    last_gain_tokens=last, _entries=tuple(entries))
 
 
 class _SizeQueue:
@@ -87,8 +94,13 @@ class _SizeQueue:
     pair off in bulk, so 1,024 instances plan in well under a millisecond."""
 
     def __init__(self, groups: Sequence[PlanGroup], num_layers: int) -> None:
-        keyed = sorted([(len(g.members), -g.deficit_tokens, seq, g.members)
-                        for seq, g in enumerate(groups)])
+        # one integer key per group (size first, then the neediest; a stable sort keeps the
+        # given order among equals): far cheaper to sort than the entries themselves
+        needs = [-g.deficit_tokens for g in groups]
+        span = 2 * max(map(abs, needs), default=0) + 1
+        keys = [len(g.members) * span + need for g, need in zip(groups, needs, strict=True)]
+        keyed = [(len(groups[seq].members), needs[seq], seq, groups[seq].members)
+                 for seq in sorted(range(len(groups)), key=keys.__getitem__)]
         if keyed and not (0 < keyed[0][0] and keyed[-1][0] <= num_layers):
             raise ValueError(f"groups of {keyed[0][0]} to {keyed[-1][0]} members cannot hold "
                              f"{num_layers} layers, one member per layer at most")
