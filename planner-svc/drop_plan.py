@@ -29,7 +29,6 @@ from operator import itemgetter
 
 from kunserve.planner.group_capacity import GroupCapacity
 
-
 # a queue entry: (size, -deficit, seq, members); seq orders equal deficits, says which are new
 _Entry = tuple[int, int, int, tuple[str, ...]]
 
