@@ -59,6 +59,7 @@ from kunserve.protocol import (
 )
 from kunserve.reservations import Reservations, reservation_tokens
 from kunserve.telemetry import extract_context, request_tracer, setup_tracing
+from kunserve.worker.checkpoint import TORCH_DTYPES
 from kunserve.worker.engine import RequestOutput
 from kunserve.worker.engine_thread import (
     AbortCommand,
@@ -74,7 +75,8 @@ from kunserve.worker.engine_thread import (
     RoleChanged,
 )
 from kunserve.worker.load_writer import LoadReport, LoadWriter
-from kunserve.worker.pipeline.stage_link import StageLink, meet
+from kunserve.worker.model_config import ModelConfig
+from kunserve.worker.pipeline.stage_link import FRAME_BYTES, StageLink, frame_bytes_for, meet
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.settings import WorkerSettings
 
@@ -234,6 +236,7 @@ class WorkerServer:
         self._load_written = asyncio.Event()
         self._writer: LoadWriter | None = None
         self.memory_report: dict[str, int] = {}
+        self._frame_bytes = FRAME_BYTES  # sized for the model once it is loaded
         self.role = Role()
         # formed, not committed: the plan, the serving link and the layer link
         self._prepared: tuple[PrepareGroup, StageLink, StageLink] | None = None
@@ -256,6 +259,10 @@ class WorkerServer:
         self._engine = EngineThread(self.settings, publisher)
         try:
             self.memory_report = await asyncio.wrap_future(self._engine.start())
+            model = ModelConfig.from_dir(self.settings.model)
+            # every member of a group serves the same checkpoint and dtype: same frames
+            self._frame_bytes = frame_bytes_for(model.hidden_size,
+                                                TORCH_DTYPES[self.settings.dtype].itemsize)
             await self._connect()
         except BaseException:
             self._accepting = False
@@ -455,7 +462,7 @@ class WorkerServer:
                 links.append(await asyncio.to_thread(
                     meet, plan.store_host, plan.store_port, name, plan.epoch, rank,
                     len(plan.members), timeout_s=plan.timeout_s,
-                    bind_host=self.settings.bind_host or None))
+                    bind_host=self.settings.bind_host or None, frame_bytes=self._frame_bytes))
         except Exception as exc:
             for link in links:
                 link.close()

@@ -1,6 +1,6 @@
 """``StageLink`` framing between two real gloo ranks (two threads, one TCPStore): a message and
-its tensor in one frame, a message longer than a frame, a tensor too big for the frame, and
-receives posted ahead completing in order."""
+its tensor in one frame, a message longer than a frame, a tensor too big for the frame,
+receives posted ahead completing in order, and the smaller reply frames towards rank 0."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import msgspec
 import torch
 
 from kunserve.servers import free_port
-from kunserve.worker.pipeline.stage_link import StageLink, connect_store
+from kunserve.worker.pipeline.stage_link import StageLink, connect_store, frame_bytes_for
 
 
 class Note(msgspec.Struct, tag=True):
@@ -18,13 +18,14 @@ class Note(msgspec.Struct, tag=True):
     text: str = ""
 
 
-def _pair(body0, body1) -> list:
+def _pair(body0, body1, **link_kwargs) -> list:
     port, results, errors = free_port(), [None, None], []
+    link_kwargs = {"frame_bytes": 4096, **link_kwargs}
 
     def rank(r: int, body) -> None:
         try:
             link = StageLink(connect_store("127.0.0.1", port, r), r, 2, epoch=1, timeout_s=30,
-                             frame_bytes=4096)
+                             **link_kwargs)
             try:
                 results[r] = body(link)
                 link.flush()
@@ -85,3 +86,39 @@ def test_receives_posted_ahead_complete_in_order():
     _, received = _pair(send, receive)
     assert [seq for seq, _ in received] == list(range(5))
     assert all(torch.equal(t, torch.full((2,), float(seq))) for seq, t in received)
+
+
+def test_replies_to_the_leader_use_their_own_smaller_frame():
+    """1 KiB reply frames towards rank 0, 8 KiB frames towards rank 1: a 4 KiB tensor rides
+    inside a frame to rank 1 but not inside a reply; long replies spill over, intact."""
+    hidden = torch.randn(16, 64)  # 4 KiB
+
+    def leader(link: StageLink):
+        link.post_ahead(1)  # the reply's receive is posted before anything is sent
+        link.send_message(Note(1), 1, hidden)
+        first = link.recv_frame(1)
+        second = link.recv_frame(1)
+        return [(link.decode(r.data, Note, 1), r.tensor_in_frame,
+                 r.tensor(shape, torch.float32)) for r, shape in ((first, (16, 64)),
+                                                                  (second, (2, 64)))]
+
+    def stage(link: StageLink):
+        got = link.recv_frame(0)
+        received = got.tensor((16, 64), torch.float32)
+        link.send_message(Note(2, "y" * 3000), 0, received + 1)  # spills: text and tensor
+        link.send_message(Note(3), 0, received[:2])  # 512 bytes: inside the reply frame
+        return got.tensor_in_frame, received
+
+    replies, (in_frame, received) = _pair(leader, stage, frame_bytes=8192,
+                                          reply_frame_bytes=1024)
+    assert in_frame and torch.equal(received, hidden)
+    assert [(n.seq, len(n.text), inline) for n, inline, _ in replies] == [
+        (2, 3000, False), (3, 0, True)]
+    assert torch.equal(replies[0][2], hidden + 1)
+    assert torch.equal(replies[1][2], hidden[:2])
+
+
+def test_activation_frames_are_sized_for_a_decode_micro_batch():
+    assert frame_bytes_for(256, 4) == 24 * 1024  # 8 KiB of message, 16 tokens of 1 KiB
+    assert frame_bytes_for(5120, 2) == 168 * 1024
+    assert frame_bytes_for(16, 4) == 16 * 1024  # never below the default

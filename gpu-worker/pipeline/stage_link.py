@@ -7,10 +7,14 @@ worker can make a new group every epoch of its life and one store can serve many
 Gloo on CPU, NCCL on CUDA (the NCCL path is written, not yet run: no GPU here).
 
 Sends are asynchronous (the link keeps each tensor alive until its send completes), receives
-block. A message travels in one fixed-size *frame* (``frame_bytes``, 128 KiB): a header (its
-length, the length of a tensor sent with it, whether that tensor is inside the frame), the
-msgpack bytes, and the tensor's bytes when they fit; what does not fit follows as one more
-message. A tensor sent on its own is received into a tensor of a shape and dtype the receiver
+block. A message travels in one fixed-size *frame*: a header (its length, the length of a
+tensor sent with it, whether that tensor is inside the frame), the msgpack bytes, and the
+tensor's bytes when they fit; what does not fit follows as one more message. Frames to rank 0
+carry replies (sampled token ids, acknowledgements) and are ``reply_frame_bytes`` (4 KiB);
+frames to any other rank carry a micro-batch and its hidden states and are ``frame_bytes``
+(default 16 KiB; ``frame_bytes_for`` sizes them for a model). Both ends of a pair use the same
+size, and a frame costs its whole size on every hop whatever it holds (a 128 KiB frame made a
+2-stage group's decode ~20% slower than a 16 KiB one), so frames are kept small. A tensor sent on its own is received into a tensor of a shape and dtype the receiver
 knows from an earlier message. Gloo moves a message only once its receive is posted (the
 receiver tells the sender it is ready; on 2 oversubscribed cores that round trip is ~1 ms of
 process wake-ups), so the serving path posts the receive of its next frame ahead
@@ -38,7 +42,8 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 _TAG_FRAME, _TAG_BYTES, _TAG_TENSOR = 1, 2, 3
-FRAME_BYTES = 128 * 1024
+FRAME_BYTES = 16 * 1024
+REPLY_FRAME_BYTES = 4 * 1024
 _HEADER_BYTES = 24  # int64: message bytes, tensor bytes, tensor inside the frame (0/1)
 _FOREVER = datetime.timedelta(days=365)
 
@@ -95,7 +100,8 @@ class StageLink:
     def __init__(self, store: dist.Store, rank: int, size: int, epoch: int, *,
                  timeout_s: float = 60.0, idle_timeout_s: float | None = None,
                  device: torch.device | str = "cpu", bind_host: str | None = None,
-                 frame_bytes: int = FRAME_BYTES) -> None:
+                 frame_bytes: int = FRAME_BYTES,
+                 reply_frame_bytes: int = REPLY_FRAME_BYTES) -> None:
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} is not in a group of {size}")
         self.rank, self.size, self.epoch = rank, size, epoch
@@ -107,7 +113,9 @@ class StageLink:
         self._group = _make_group(dist.PrefixStore(f"epoch-{epoch}", store), rank, size,
                                   self.device, self.timeout, bind_host)
         self._pending: list[dist.Work] = []  # sends not known complete (each holds its tensor)
-        self.frame_bytes = frame_bytes
+        if min(frame_bytes, reply_frame_bytes) < 2 * _HEADER_BYTES:
+            raise ValueError("a frame must hold its header and some bytes")
+        self.frame_bytes, self.reply_frame_bytes = frame_bytes, reply_frame_bytes
         # frame receives posted ahead, per source rank, in the order they will complete
         self._ahead: defaultdict[int, deque[tuple[dist.Work, torch.Tensor]]] = \
             defaultdict(deque)
@@ -154,12 +162,12 @@ class StageLink:
 
     @_detached
     def send_frame(self, data: bytes, dst: int, tensor: torch.Tensor | None = None) -> None:
-        room = self.frame_bytes - _HEADER_BYTES
+        size = self._frame_size(dst)
+        room = size - _HEADER_BYTES
         nbytes = 0 if tensor is None else tensor.numel() * tensor.element_size()
         offset = _HEADER_BYTES + _aligned(len(data))
-        inline = (tensor is not None and tensor.device.type == "cpu"
-                  and offset + nbytes <= self.frame_bytes)
-        frame = torch.empty(self.frame_bytes, dtype=torch.uint8)
+        inline = tensor is not None and tensor.device.type == "cpu" and offset + nbytes <= size
+        frame = torch.empty(size, dtype=torch.uint8)
         frame[:_HEADER_BYTES].view(torch.int64).copy_(
             torch.tensor([len(data), nbytes, int(inline)], dtype=torch.int64))
         head = min(len(data), room)
@@ -179,15 +187,16 @@ class StageLink:
     def recv_frame(self, src: int, idle: bool = False) -> Received:
         """The next message from ``src`` (its frame's receive posted ahead, or now)."""
         timeout = self.idle_timeout if idle else self.timeout
+        size = self._frame_size(self.rank)
         if self._ahead[src]:
             work, frame = self._ahead[src].popleft()
             self._wait(work, f"a message from rank {src}", timeout)
         else:
-            frame = self._recv(torch.empty(self.frame_bytes, dtype=torch.uint8), src,
-                               _TAG_FRAME, "a message", timeout)
+            frame = self._recv(torch.empty(size, dtype=torch.uint8), src, _TAG_FRAME,
+                               "a message", timeout)
         frame = frame.cpu()
         length, nbytes, inline = frame[:_HEADER_BYTES].view(torch.int64).tolist()
-        room = self.frame_bytes - _HEADER_BYTES
+        room = size - _HEADER_BYTES
         data = frame[_HEADER_BYTES:_HEADER_BYTES + min(length, room)].numpy().tobytes()
         if length > room:
             data += self._recv(torch.empty(length - room, dtype=torch.uint8), src, _TAG_BYTES,
@@ -201,7 +210,7 @@ class StageLink:
         """Post the receive of a coming message from ``src`` now, so it moves as soon as it is
         sent; ``recv_*`` takes such receives first, in order. Post only for a message that
         will come: a receive still posted when the link closes is abandoned."""
-        frame = torch.empty(self.frame_bytes, dtype=torch.uint8, device=self.device)
+        frame = torch.empty(self._frame_size(self.rank), dtype=torch.uint8, device=self.device)
         self._ahead[src].append((self._post(frame, src, _TAG_FRAME), frame))
 
     # -- tensors -----------------------------------------------------------------------------
@@ -245,6 +254,10 @@ class StageLink:
         self._group = None
 
     # -- internals ---------------------------------------------------------------------------
+    def _frame_size(self, dst: int) -> int:
+        """The size of a frame sent to ``dst``: replies go to the leader."""
+        return self.reply_frame_bytes if dst == 0 else self.frame_bytes
+
     def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
         tensor = tensor.to(self.device)
         self._pending.append(self._call(lambda: self._group.send([tensor], dst, tag),
@@ -309,6 +322,14 @@ class Received:
         if self._inline is not None:
             return self._inline.view(dtype).view(shape)
         return self.link.recv_tensor(shape, dtype, self.src)
+
+
+def frame_bytes_for(hidden_size: int, itemsize: int, tokens: int = 16) -> int:
+    """An activation frame that holds a micro-batch message (8 KiB of room) and the hidden
+    states of ``tokens`` tokens: a decode micro-batch of that many requests moves in one
+    message. At least ``FRAME_BYTES``, rounded up to 4 KiB."""
+    need = 8 * 1024 + tokens * hidden_size * itemsize
+    return max(FRAME_BYTES, -(-need // 4096) * 4096)
 
 
 def _aligned(n: int) -> int:

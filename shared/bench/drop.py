@@ -325,7 +325,7 @@ class _Member:
     def run(self, prompts: dict[str, list[int]]) -> dict:
         from kunserve.worker.engine import EngineConfig, LLMEngine
         from kunserve.worker.pipeline import reconfigure
-        from kunserve.worker.pipeline.stage_link import meet
+        from kunserve.worker.pipeline.stage_link import frame_bytes_for, meet
         from kunserve.worker.sampling_params import SamplingParams
 
         spec, report = self.spec, self.report
@@ -334,8 +334,10 @@ class _Member:
                         SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         self.barrier("loaded")
         start = time.time()
+        frame = frame_bytes_for(engine.model_config.hidden_size,  # as the worker sizes it
+                                engine.kv_caches[0].storage.element_size())
         link = meet(HOST, self.port, "bench-group", 1, self.rank, spec.size,
-                    timeout_s=TIMEOUT_S, bind_host=HOST)
+                    timeout_s=TIMEOUT_S, bind_host=HOST, frame_bytes=frame)
         report["prepare_at"] = (start, time.time())
         report["solo_memory"] = engine.memory_report()
         report["requests"] = list(prompts)
