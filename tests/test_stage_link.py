@@ -10,7 +10,12 @@ import msgspec
 import torch
 
 from kunserve.servers import free_port
-from kunserve.worker.pipeline.stage_link import StageLink, connect_store, frame_bytes_for
+from kunserve.worker.pipeline.stage_link import (
+    MAX_PENDING_SENDS,
+    StageLink,
+    connect_store,
+    frame_bytes_for,
+)
 
 
 class Note(msgspec.Struct, tag=True):
@@ -122,3 +127,30 @@ def test_activation_frames_are_sized_for_a_decode_micro_batch():
     assert frame_bytes_for(256, 4) == 24 * 1024  # 8 KiB of message, 16 tokens of 1 KiB
     assert frame_bytes_for(5120, 2) == 168 * 1024
     assert frame_bytes_for(16, 4) == 16 * 1024  # never below the default
+
+
+def test_a_long_exchange_keeps_a_bounded_number_of_sends_alive():
+    """Gloo calls a send complete only once it is waited for: the link must not keep every
+    frame it ever sent (it did: memory and per-send work grew for the whole epoch)."""
+    rounds = 200
+
+    def leader(link: StageLink):
+        most = 0
+        for seq in range(rounds):
+            link.send_message(Note(seq), 1, torch.full((8,), float(seq)))
+            reply = link.recv_message(Note, 1)
+            assert reply.seq == seq
+            most = max(most, link.num_pending_sends)
+        return most
+
+    def stage(link: StageLink):
+        most = 0
+        for seq in range(rounds):
+            got = link.recv_frame(0)
+            assert torch.equal(got.tensor((8,), torch.float32), torch.full((8,), float(seq)))
+            link.send_message(link.decode(got.data, Note, 0), 0)
+            most = max(most, link.num_pending_sends)
+        return most
+
+    most = _pair(leader, stage)
+    assert max(most) <= MAX_PENDING_SENDS < rounds

@@ -44,6 +44,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 _TAG_FRAME, _TAG_BYTES, _TAG_TENSOR = 1, 2, 3
 FRAME_BYTES = 16 * 1024
 REPLY_FRAME_BYTES = 4 * 1024
+MAX_PENDING_SENDS = 16
 _HEADER_BYTES = 24  # int64: message bytes, tensor bytes, tensor inside the frame (0/1)
 _FOREVER = datetime.timedelta(days=365)
 
@@ -112,7 +113,10 @@ class StageLink:
         self._store = store  # kept alive with the group, which may still use it
         self._group = _make_group(dist.PrefixStore(f"epoch-{epoch}", store), rank, size,
                                   self.device, self.timeout, bind_host)
-        self._pending: list[dist.Work] = []  # sends not known complete (each holds its tensor)
+        # sends not known complete, oldest first (each keeps its tensor alive): a message's
+        # (frames and what follows them), bounded by ``_reap``; bulk tensors', until ``flush``
+        self._pending: deque[dist.Work] = deque()
+        self._bulk: list[dist.Work] = []
         if min(frame_bytes, reply_frame_bytes) < 2 * _HEADER_BYTES:
             raise ValueError("a frame must hold its header and some bytes")
         self.frame_bytes, self.reply_frame_bytes = frame_bytes, reply_frame_bytes
@@ -182,6 +186,7 @@ class StageLink:
                        _TAG_BYTES)
         if tensor is not None and not inline:
             self._send(tensor.contiguous(), dst, _TAG_TENSOR)
+        self._reap()
 
     @_detached
     def recv_frame(self, src: int, idle: bool = False) -> Received:
@@ -216,7 +221,9 @@ class StageLink:
     # -- tensors -----------------------------------------------------------------------------
     @_detached
     def send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
-        self._send(tensor.contiguous(), dst, _TAG_TENSOR)
+        """A bulk send (KV slices, parameters): kept until ``flush``, never waited for
+        before, since its receiver may post the receive only after sending its own."""
+        self._send(tensor.contiguous(), dst, _TAG_TENSOR, self._bulk)
 
     @_detached
     def recv_tensor(self, shape: tuple[int, ...], dtype: torch.dtype, src: int) -> torch.Tensor:
@@ -235,11 +242,17 @@ class StageLink:
         """Wait for a receive ``post_recv`` posted (raises if the peer died or hung)."""
         self._wait(work, what, self.timeout)
 
+    @property
+    def num_pending_sends(self) -> int:
+        """A message's sends not yet known complete (each keeps its frame alive)."""
+        return len(self._pending)
+
     # -- lifetime ----------------------------------------------------------------------------
     @_detached
     def flush(self) -> None:
         """Wait until every send has left (raises if a peer is gone)."""
-        pending, self._pending = self._pending, []
+        pending = [*self._pending, *self._bulk]
+        self._pending, self._bulk = deque(), []
         for work in pending:
             self._wait(work, "send", self.timeout)
 
@@ -250,6 +263,7 @@ class StageLink:
         except StageLinkError:
             pass
         self._pending.clear()
+        self._bulk.clear()
         self._ahead.clear()
         self._group = None
 
@@ -258,11 +272,11 @@ class StageLink:
         """The size of a frame sent to ``dst``: replies go to the leader."""
         return self.reply_frame_bytes if dst == 0 else self.frame_bytes
 
-    def _send(self, tensor: torch.Tensor, dst: int, tag: int) -> None:
+    def _send(self, tensor: torch.Tensor, dst: int, tag: int,
+              into: deque[dist.Work] | list[dist.Work] | None = None) -> None:
         tensor = tensor.to(self.device)
-        self._pending.append(self._call(lambda: self._group.send([tensor], dst, tag),
-                                        f"send to rank {dst}"))
-        self._reap()
+        (self._pending if into is None else into).append(
+            self._call(lambda: self._group.send([tensor], dst, tag), f"send to rank {dst}"))
 
     def _recv(self, buffer: torch.Tensor, src: int, tag: int, what: str,
               timeout: datetime.timedelta) -> torch.Tensor:
@@ -275,14 +289,14 @@ class StageLink:
                           f"receive from rank {src}")
 
     def _reap(self) -> None:
-        """Forget completed sends, raising the error of a failed one."""
-        still = []
-        for work in self._pending:
-            if work.is_completed():
-                self._wait(work, "send", self.timeout)
-            else:
-                still.append(work)
-        self._pending = still
+        """Forget a message's completed sends, oldest first, raising the error of a failed
+        one. Gloo marks a send complete only once it is waited for, so past
+        ``MAX_PENDING_SENDS`` the oldest are waited for: by then they have long left (the
+        receiver posts ahead and takes messages in order without waiting on this rank), and
+        the frames kept alive stay bounded (without it a group kept every frame it sent)."""
+        pending = self._pending
+        while pending and (len(pending) > MAX_PENDING_SENDS or pending[0].is_completed()):
+            self._wait(pending.popleft(), "send", self.timeout)
 
     def _call(self, op: Callable[[], dist.Work], what: str) -> dist.Work:
         if self._group is None:
