@@ -124,9 +124,9 @@ def test_replies_to_the_leader_use_their_own_smaller_frame():
 
 
 def test_activation_frames_are_sized_for_a_decode_micro_batch():
-    assert frame_bytes_for(256, 4) == 24 * 1024  # 8 KiB of message, 16 tokens of 1 KiB
-    assert frame_bytes_for(5120, 2) == 168 * 1024
-    assert frame_bytes_for(16, 4) == 16 * 1024  # never below the default
+    assert frame_bytes_for(256, 4) == 136 * 1024  # 8 KiB of message, 128 tokens of 1 KiB
+    assert frame_bytes_for(256, 4, tokens=16) == 24 * 1024
+    assert frame_bytes_for(16, 4, tokens=16) == 16 * 1024  # never below the default
 
 
 def test_a_long_exchange_keeps_a_bounded_number_of_sends_alive():

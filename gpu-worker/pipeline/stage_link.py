@@ -338,10 +338,12 @@ class Received:
         return self.link.recv_tensor(shape, dtype, self.src)
 
 
-def frame_bytes_for(hidden_size: int, itemsize: int, tokens: int = 16) -> int:
+def frame_bytes_for(hidden_size: int, itemsize: int, tokens: int = 128) -> int:
     """An activation frame that holds a micro-batch message (8 KiB of room) and the hidden
     states of ``tokens`` tokens: a decode micro-batch of that many requests moves in one
-    message. At least ``FRAME_BYTES``, rounded up to 4 KiB."""
+    message (a bigger one sends its hidden states as a second message, whose receive is not
+    posted ahead: a round trip more, which under a burst's load cost more than the larger
+    frame saves). At least ``FRAME_BYTES``, rounded up to 4 KiB."""
     need = 8 * 1024 + tokens * hidden_size * itemsize
     return max(FRAME_BYTES, -(-need // 4096) * 4096)
 
