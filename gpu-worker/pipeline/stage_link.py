@@ -12,9 +12,10 @@ tensor sent with it, whether that tensor is inside the frame), the msgpack bytes
 tensor's bytes when they fit; what does not fit follows as one more message. Frames to rank 0
 carry replies (sampled token ids, acknowledgements) and are ``reply_frame_bytes`` (4 KiB);
 frames to any other rank carry a micro-batch and its hidden states and are ``frame_bytes``
-(default 16 KiB; ``frame_bytes_for`` sizes them for a model). Both ends of a pair use the same
-size, and a frame costs its whole size on every hop whatever it holds (a 128 KiB frame made a
-2-stage group's decode ~20% slower than a 16 KiB one), so frames are kept small. A tensor sent on its own is received into a tensor of a shape and dtype the receiver
+(default 16 KiB; the worker sizes them for its model with ``frame_bytes_for``). Both ends of a
+pair use the same size. A frame costs its whole size on every hop whatever it holds (at small
+batches 128 KiB frames made a 2-stage group's decode ~20% slower than 16 KiB ones), while a
+tensor that does not fit costs a round trip more; replies are small, so their frames are. A tensor sent on its own is received into a tensor of a shape and dtype the receiver
 knows from an earlier message. Gloo moves a message only once its receive is posted (the
 receiver tells the sender it is ready; on 2 oversubscribed cores that round trip is ~1 ms of
 process wake-ups), so the serving path posts the receive of its next frame ahead
