@@ -15,8 +15,9 @@ frames to any other rank carry a micro-batch and its hidden states and are ``fra
 (default 16 KiB; the worker sizes them for its model with ``frame_bytes_for``). Both ends of a
 pair use the same size. A frame costs its whole size on every hop whatever it holds (at small
 batches 128 KiB frames made a 2-stage group's decode ~20% slower than 16 KiB ones), while a
-tensor that does not fit costs a round trip more; replies are small, so their frames are. A tensor sent on its own is received into a tensor of a shape and dtype the receiver
-knows from an earlier message. Gloo moves a message only once its receive is posted (the
+tensor that does not fit costs a round trip more; replies are small, so their frames are. A
+tensor sent on its own is received into a tensor of a shape and dtype the receiver knows from
+an earlier message. Gloo moves a message only once its receive is posted (the
 receiver tells the sender it is ready; on 2 oversubscribed cores that round trip is ~1 ms of
 process wake-ups), so the serving path posts the receive of its next frame ahead
 (``post_ahead``): a frame of a fixed size can be received before anything about it is known.
