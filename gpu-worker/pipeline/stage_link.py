@@ -344,8 +344,9 @@ def frame_bytes_for(hidden_size: int, itemsize: int, tokens: int = 128) -> int:
     """An activation frame that holds a micro-batch message (8 KiB of room) and the hidden
     states of ``tokens`` tokens: a decode micro-batch of that many requests moves in one
     message (a bigger one sends its hidden states as a second message, whose receive is not
-    posted ahead: a round trip more, which under a burst's load cost more than the larger
-    frame saves). At least ``FRAME_BYTES``, rounded up to 4 KiB."""
+    posted ahead: a round trip more; 16 tokens was faster on small batches, but a burst's
+    micro-batches are larger, and the burst benchmark was too noisy to tell the two apart).
+    At least ``FRAME_BYTES``, rounded up to 4 KiB."""
     need = 8 * 1024 + tokens * hidden_size * itemsize
     return max(FRAME_BYTES, -(-need // 4096) * 4096)
 

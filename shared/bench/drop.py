@@ -323,6 +323,7 @@ class _Member:
             time.sleep(0.0005)
 
     def run(self, prompts: dict[str, list[int]]) -> dict:
+        from kunserve.worker.checkpoint import TORCH_DTYPES
         from kunserve.worker.engine import EngineConfig, LLMEngine
         from kunserve.worker.pipeline import reconfigure
         from kunserve.worker.pipeline.stage_link import frame_bytes_for, meet
@@ -335,7 +336,7 @@ class _Member:
         self.barrier("loaded")
         start = time.time()
         frame = frame_bytes_for(engine.model_config.hidden_size,  # as the worker sizes it
-                                engine.kv_caches[0].storage.element_size())
+                                TORCH_DTYPES[engine.config.dtype].itemsize)
         link = meet(HOST, self.port, "bench-group", 1, self.rank, spec.size,
                     timeout_s=TIMEOUT_S, bind_host=HOST, frame_bytes=frame)
         report["prepare_at"] = (start, time.time())
