@@ -39,7 +39,12 @@ from nats.errors import Error as NatsError
 from nats.errors import NoRespondersError
 
 from kunserve.gateway.admission import AdmissionTicket
-from kunserve.gateway.errors import OpenAIError, server_error, service_unavailable
+from kunserve.gateway.errors import (
+    OpenAIError,
+    bad_request,
+    server_error,
+    service_unavailable,
+)
 from kunserve.gateway.mesh_client import MeshClient
 from kunserve.gateway.request_tracker import RequestTracker
 from kunserve.ledger import RequestStatus
@@ -241,6 +246,9 @@ class Generation:
         error = update.error or "unknown error"
         if not update.instance_id:  # the router's answer: nobody could take it
             return self._fail(service_unavailable(error), "unavailable")
+        if update.invalid_request:
+            return self._fail(bad_request(f"instance {update.instance_id}: {error}"),
+                              "invalid")
         return self._fail(server_error(f"instance {update.instance_id}: {error}"), "worker")
 
     def _fail(self, error: OpenAIError, kind: str, abort: bool = False) -> OpenAIError:

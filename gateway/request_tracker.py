@@ -93,7 +93,7 @@ class RequestTracker:
 
     def finish(self, status: RequestStatus, finish_reason: str | None = None,
                error: str | None = None, error_kind: str | None = None) -> None:
-        """``error_kind`` (unavailable, timeout, worker) labels the error counter."""
+        """``error_kind`` (unavailable, timeout, worker, invalid) labels the error counter."""
         if self.finished:
             return
         self.finished = True

@@ -70,6 +70,7 @@ class RequestOutput:
     finished: bool
     finish_reason: str | None = None
     error: str | None = None
+    invalid_request: bool = False  # the error is the request's (rejected at add_request)
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
 
@@ -222,6 +223,7 @@ class LLMEngine:
         error = self._check_prompt(prompt_ids)
         if error:
             self._rejected.append(RequestOutput(request_id, [], "", True, "error", error,
+                                                invalid_request=True,
                                                 num_prompt_tokens=len(prompt_ids)))
             return request_id
         request = Request(request_id, prompt_ids, params, self.model_config.eos_token_ids,

@@ -195,6 +195,7 @@ class UpdatePublisher:
             request_id=out.request_id, instance_id=self.instance_id,
             token_ids=out.new_token_ids, text=out.new_text, finished=out.finished,
             finish_reason=out.finish_reason, error=out.error,
+            invalid_request=out.invalid_request,
             num_prompt_tokens=out.num_prompt_tokens or (live.num_prompt_tokens if live else 0),
             num_output_tokens=out.num_output_tokens)
         await (self._finish(update) if out.finished else self._publish(update))
@@ -380,7 +381,7 @@ class WorkerServer:
             await self._reservations.release(self.instance_id, reserved)
             update = RequestUpdate(request_id=rid, instance_id=self.instance_id, finished=True,
                                    finish_reason="error", error=str(exc),
-                                   num_prompt_tokens=n_prompt)
+                                   invalid_request=True, num_prompt_tokens=n_prompt)
             self._on_finished(Finished(update))
             await self._publish(update)
             return

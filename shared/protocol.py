@@ -108,6 +108,9 @@ class RequestUpdate(msgspec.Struct, kw_only=True):
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    # the error is the request's (a prompt this instance cannot hold, bad sampling values):
+    # the client gets a 400, not a 500
+    invalid_request: bool = False
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
 

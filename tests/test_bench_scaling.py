@@ -122,3 +122,29 @@ def test_gamma_arrivals_have_the_asked_rate():
     assert times[0] == 0.0 and times == sorted(times)
     assert len(times) / times[-1] == pytest.approx(20.0, rel=0.1)
     assert times == gamma_arrivals(20.0, 0.5, 4000, seed=0)
+
+
+def test_a_scenario_fits_every_request_in_one_solo_instance_s_kv_cache(tmp_path):
+    """Lengths are cut to what one solo instance holds when that is less than the context, so
+    no policy has to refuse a request the burst benchmark sends."""
+    import argparse
+    import asyncio
+
+    from kunserve.bench.scenario import add_scenario_args, build_scenario
+    from kunserve.bench.stack_probe import StackInfo
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                     "2023-11-16 18:15:46.6805900,374,44\n"
+                     "2023-11-16 18:15:47.0000000,1900,120\n"
+                     "2023-11-16 18:15:48.5000000,30,400\n")
+    parser = argparse.ArgumentParser()
+    add_scenario_args(parser)
+    args = parser.parse_args(["--trace", str(trace), "--length-scale", "1",
+                              "--time-scale", "1"])
+    info = StackInfo(model="m", max_model_len=2048, vocab_size=1000, capacity_tokens=2 * 300,
+                     instances=2)
+    scenario = asyncio.run(build_scenario(args, "http://unused", info))
+    sizes = [(r.input_tokens, r.output_tokens) for r in scenario.requests]
+    assert sizes == [(256, 44), (180, 120), (30, 150)]  # output <= 300 // 2, prompt the rest
+    assert scenario.description["max_request_tokens"] == 300

@@ -180,6 +180,17 @@ async def test_worker_error_before_and_after_first_byte(client, mesh):
     assert json.loads(payloads[-2])["error"]["message"].endswith("out of memory")
 
 
+async def test_a_request_the_worker_refuses_is_a_400_not_a_500(client, mesh):
+    mesh.mode = "rejected"
+    for stream in (False, True):
+        response = await client.post("/v1/completions", json={**OK, "stream": stream})
+        assert_openai_error(response, 400, "instance fake-0: the prompt needs 9 tokens of KV "
+                                           "cache but this instance holds only 8")
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    mesh.mode = "stream"  # and the gateway goes on serving
+    assert (await client.post("/v1/completions", json=OK)).status_code == 200
+
+
 async def test_silent_worker_times_out_with_503_and_abort(tmp_path, mesh):
     mesh.mode = "hold"
     settings = make_settings(tmp_path, request_timeout_s=0.3)

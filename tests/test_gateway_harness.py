@@ -135,6 +135,14 @@ class FakeMesh:
                                            finish_reason="error",
                                            error="no live worker instance"))
             return
+        if self.mode == "rejected":  # as a worker whose KV cache cannot hold the prompt
+            await msg.respond(self.instance_id.encode())
+            await self._send(RequestUpdate(
+                request_id=rid, instance_id=self.instance_id, finished=True,
+                finish_reason="error", invalid_request=True,
+                error="the prompt needs 9 tokens of KV cache but this instance holds only 8",
+                num_prompt_tokens=len(request.prompt_token_ids)))
+            return
         if not self.answer_delay_s:
             await msg.respond(self.instance_id.encode())
         await self._send(RequestUpdate(request_id=rid, instance_id=self.instance_id,

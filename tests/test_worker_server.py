@@ -192,10 +192,38 @@ async def test_a_bad_request_gets_an_error_and_the_worker_keeps_serving(worker, 
     assert len(bad_updates) == 1 and bad_updates[0].finish_reason == "error"
     assert "temperature" in bad_updates[0].error
     assert len(long_updates) == 1 and "maximum context length" in long_updates[0].error
+    assert bad_updates[0].invalid_request and long_updates[0].invalid_request  # 400s
     assert good_updates[0].accepted and len(good_updates) == 5
     assert good_updates[-1].finish_reason == "length"
     await asyncio.sleep(0.2)  # the releases ride on the next load write
     assert await rclient.hgetall(reserved) == {b"tokens": b"0", b"requests": b"0"}
+
+
+async def test_a_prompt_longer_than_the_kv_cache_is_the_requests_error(nats_server, redis_url,
+                                                                       mesh_model_dir, nc):
+    """A budget whose KV cache holds fewer tokens than the context: a prompt that fits the
+    context but not the cache is refused as the request's error (the gateway's 400)."""
+    memory = LLMEngine(EngineConfig(model=mesh_model_dir, **ENGINE)).memory_report()
+    budget = memory["parameter_bytes"] + memory["reserve_bytes"] + 4 * memory["block_bytes"]
+    settings = make_settings(nats_server.url, redis_url, mesh_model_dir, liveness_ttl_ms=600,
+                             memory_per_instance=budget)
+    threads = torch.get_num_threads()
+    server = WorkerServer(settings)
+    await server.start()
+    try:
+        capacity = server.memory_report["blocks_total"] * 16
+        assert capacity == 64
+        too_big = make_request(list(range(5, 5 + capacity)), max_tokens=2)
+        fits = make_request(list(range(5, 5 + capacity - 8)), max_tokens=2)
+        refused = await (await send(nc, settings.instance_id, too_big)).finished()
+        served = await (await send(nc, settings.instance_id, fits)).finished()
+    finally:
+        await server.stop()
+        torch.set_num_threads(threads)
+    assert len(refused) == 1 and refused[0].invalid_request
+    assert refused[0].error == (f"the prompt needs {capacity + 1} tokens of KV cache but this "
+                                f"instance holds only {capacity}")
+    assert served[-1].finish_reason == "length" and not served[-1].invalid_request
 
 
 # -- load key --------------------------------------------------------------------------------

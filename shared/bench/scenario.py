@@ -114,13 +114,17 @@ async def build_scenario(args: argparse.Namespace, url: str, info: StackInfo) ->
     max_len = args.max_model_len or info.max_model_len
     capacity = args.capacity_tokens or info.capacity_tokens
     per_instance = capacity / info.instances if capacity and info.instances else None
-    length_scale = args.length_scale or default_length_scale(sources.length_pool, max_len,
+    # a request must fit one solo instance's KV cache as well as the context (else every
+    # policy refuses it with a 400 whenever no group is formed)
+    fit = min(max_len, int(per_instance)) if per_instance else max_len
+    length_scale = args.length_scale or default_length_scale(sources.length_pool, fit,
                                                              per_instance)
-    scaled = scale_shapes(sources.shapes, length_scale, max_len)
-    whole = scale_shapes(sources.whole, length_scale, max_len)
-    desc.update(max_model_len=max_len, length_scale=length_scale, requests=len(scaled))
+    scaled = scale_shapes(sources.shapes, length_scale, fit)
+    whole = scale_shapes(sources.whole, length_scale, fit)
+    desc.update(max_model_len=max_len, max_request_tokens=fit, length_scale=length_scale,
+                requests=len(scaled))
     time_scale, demand = await _time_scale(args, url, info, scaled, whole, desc)
-    final = scale_shapes(scaled, 1.0, max_len, time_scale)
+    final = scale_shapes(scaled, 1.0, fit, time_scale)
     desc.update(time_scale=time_scale, demand=_demand_dict(demand),
                 duration_s=final[-1].arrival_s if final else 0.0)
     return Scenario(make_requests(final, info.vocab_size, args.seed), desc)
