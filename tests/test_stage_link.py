@@ -123,8 +123,54 @@ def test_replies_to_the_leader_use_their_own_smaller_frame():
     assert torch.equal(replies[1][2], hidden[:2])
 
 
+class _CountingGroup:
+    """The real gloo group, with the byte size of every tensor sent recorded."""
+
+    def __init__(self, group) -> None:
+        self.group, self.sent = group, []
+
+    def send(self, tensors, dst, tag):
+        self.sent.append(tensors[0].numel() * tensors[0].element_size())
+        return self.group.send(tensors, dst, tag)
+
+    def recv(self, tensors, src, tag):
+        return self.group.recv(tensors, src, tag)
+
+
+def test_a_frame_carries_only_the_bytes_it_uses():
+    """Receives are posted for whole frames; a message shorter than a frame sends only its
+    header, message and tensor bytes, and still arrives intact, before and after a full one."""
+    hidden = torch.randn(4, 64)  # 1 KiB
+    full = torch.randn(2000)  # 8000 bytes: fills most of an 8 KiB frame
+
+    def send(link: StageLink):
+        link._group = _CountingGroup(link._group)
+        link.send_message(Note(1), 1, hidden)
+        link.send_message(Note(2), 1, full)
+        link.send_message(Note(3, "z" * 100), 1)
+        return link._group.sent
+
+    def receive(link: StageLink):
+        link.post_ahead(0)
+        link.post_ahead(0)
+        out = []
+        for shape in ((4, 64), (2000,), None):
+            got = link.recv_frame(0)
+            out.append((link.decode(got.data, Note, 0),
+                        got.tensor(shape, torch.float32) if shape else None))
+        return out
+
+    sent, received = _pair(send, receive, frame_bytes=8192)
+    note = len(msgspec.msgpack.encode(Note(1)))
+    header_and_note = 24 + -(-note // 8) * 8  # the header, the message rounded up to 8 bytes
+    assert sent == [header_and_note + 1024, header_and_note + 8000,
+                    24 + len(msgspec.msgpack.encode(Note(3, "z" * 100)))]
+    assert [n.seq for n, _ in received] == [1, 2, 3] and received[2][0].text == "z" * 100
+    assert torch.equal(received[0][1], hidden) and torch.equal(received[1][1], full)
+
+
 def test_activation_frames_are_sized_for_a_decode_micro_batch():
-    assert frame_bytes_for(256, 4) == 136 * 1024  # 8 KiB of message, 128 tokens of 1 KiB
+    assert frame_bytes_for(256, 4) == 520 * 1024  # 8 KiB of message, 512 tokens of 1 KiB
     assert frame_bytes_for(256, 4, tokens=16) == 24 * 1024
     assert frame_bytes_for(16, 4, tokens=16) == 16 * 1024  # never below the default
 

@@ -13,9 +13,10 @@ tensor's bytes when they fit; what does not fit follows as one more message. Fra
 carry replies (sampled token ids, acknowledgements) and are ``reply_frame_bytes`` (4 KiB);
 frames to any other rank carry a micro-batch and its hidden states and are ``frame_bytes``
 (default 16 KiB; the worker sizes them for its model with ``frame_bytes_for``). Both ends of a
-pair use the same size. A frame costs its whole size on every hop whatever it holds (at small
-batches 128 KiB frames made a 2-stage group's decode ~20% slower than 16 KiB ones), while a
-tensor that does not fit costs a round trip more; replies are small, so their frames are. A
+pair use the same size. Receives are posted for a whole frame, but a message sends only the
+bytes it uses (gloo completes a receive with a shorter message), so a large frame costs nothing
+on the wire for a small micro-batch, while a tensor that does not fit costs a round trip more;
+replies are small, so their frames are. A
 tensor sent on its own is received into a tensor of a shape and dtype the receiver knows from
 an earlier message. Gloo moves a message only once its receive is posted (the
 receiver tells the sender it is ready; on 2 oversubscribed cores that round trip is ~1 ms of
@@ -180,9 +181,13 @@ class StageLink:
         if head:
             frame[_HEADER_BYTES:_HEADER_BYTES + head] = torch.frombuffer(
                 bytearray(data[:head]), dtype=torch.uint8)
+        used = _HEADER_BYTES + head
         if inline:
             frame[offset:offset + nbytes] = tensor.contiguous().view(-1).view(torch.uint8)
-        self._send(frame, dst, _TAG_FRAME)
+            used = offset + nbytes
+        # only the bytes used travel: gloo completes a receive posted for a whole frame with
+        # a shorter message (the header says what is in it)
+        self._send(frame[:used], dst, _TAG_FRAME)
         if len(data) > room:
             self._send(torch.frombuffer(bytearray(data[room:]), dtype=torch.uint8), dst,
                        _TAG_BYTES)
@@ -340,13 +345,13 @@ class Received:
         return self.link.recv_tensor(shape, dtype, self.src)
 
 
-def frame_bytes_for(hidden_size: int, itemsize: int, tokens: int = 128) -> int:
+def frame_bytes_for(hidden_size: int, itemsize: int, tokens: int = 512) -> int:
     """An activation frame that holds a micro-batch message (8 KiB of room) and the hidden
-    states of ``tokens`` tokens: a decode micro-batch of that many requests moves in one
-    message (a bigger one sends its hidden states as a second message, whose receive is not
-    posted ahead: a round trip more; 16 tokens was faster on small batches, but a burst's
-    micro-batches are larger, and the burst benchmark was too noisy to tell the two apart).
-    At least ``FRAME_BYTES``, rounded up to 4 KiB."""
+    states of ``tokens`` tokens, so that a decode micro-batch or a prefill chunk of up to that
+    many tokens moves in one message (a bigger one sends its hidden states as a second
+    message, whose receive is not posted ahead: a round trip more). Only the used bytes of a
+    frame travel, so a large frame costs a receive buffer, not bandwidth. At least
+    ``FRAME_BYTES``, rounded up to 4 KiB."""
     need = 8 * 1024 + tokens * hidden_size * itemsize
     return max(FRAME_BYTES, -(-need // 4096) * 4096)
 
