@@ -43,6 +43,8 @@ class EngineConfig:
     model: str
     dtype: str = "float32"
     memory_per_instance: int | None = None  # bytes; None: parameters take 40% (CPU)
+    # without memory_per_instance: KV = this x the whole model's parameter bytes
+    kv_to_parameters: float | None = None
     reserve_bytes: int | None = None  # None: activation_reserve() for the largest step
     block_size: int = 16
     max_num_seqs: int = 128

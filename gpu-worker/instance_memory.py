@@ -2,7 +2,8 @@
 pipeline-group member (a layer range of it).
 
 The budget is the instance's, whatever it holds: without ``memory_per_instance`` it is the one
-that makes the *whole model's* parameters 40% of it (plus the reserve), so a member holding
+that makes the *whole model's* parameters 40% of it, or (``kv_to_parameters``) the whole
+model's parameters plus that many times as much KV (plus the reserve either way), so a member holding
 ``1/g`` of the layers turns the parameter bytes it does not hold into KV blocks, which is the
 point of dropping parameters. The arithmetic is ``memory_budget.py``'s; this module only
 gathers its inputs.
@@ -18,6 +19,7 @@ from kunserve.worker.checkpoint import TORCH_DTYPES
 from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.memory_budget import (
     KVGeometry,
+    MemoryBudgetError,
     MemoryPlan,
     activation_reserve,
     default_cpu_budget,
@@ -55,6 +57,9 @@ def plan_instance_memory(config: EngineConfig, model: ModelConfig, parameter_byt
                                      config.max_num_batched_tokens, config.max_num_seqs,
                                      TORCH_DTYPES[config.dtype].itemsize)
     whole = parameter_bytes if whole_model_bytes is None else whole_model_bytes
-    budget = config.memory_per_instance or default_cpu_budget(whole) + reserve
+    if config.memory_per_instance and config.kv_to_parameters is not None:
+        raise MemoryBudgetError("give a memory budget or a KV-to-parameters ratio, not both")
+    budget = (config.memory_per_instance
+              or default_cpu_budget(whole, config.kv_to_parameters) + reserve)
     return plan_memory(budget, parameter_bytes, reserve,
                        kv_geometry(config, model, layers_held))

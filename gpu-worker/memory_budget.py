@@ -78,7 +78,12 @@ def activation_reserve(hidden_size: int, intermediate_size: int, qkv_size: int, 
     return max_num_batched_tokens * per_token + max_num_seqs * vocab_size * 4
 
 
-def default_cpu_budget(parameter_bytes: int) -> int:
-    """Without a configured budget on CPU: parameters take 40% of it, as on a real deployment
-    (Qwen-2.5-14B on an 80 GB GPU: 34%)."""
-    return int(parameter_bytes / 0.4)
+def default_cpu_budget(parameter_bytes: int, kv_to_parameters: float | None = None) -> int:
+    """The budget without a configured one, reserve aside: the parameters plus
+    ``kv_to_parameters`` times as much again for the KV cache (Qwen-2.5-14B on an 80 GB GPU:
+    ~1.6; a 70B model on two 80 GB GPUs: ~0.1); None: parameters take 40% of it (KV 1.5x)."""
+    if kv_to_parameters is None:
+        return int(parameter_bytes / 0.4)
+    if kv_to_parameters <= 0:
+        raise MemoryBudgetError(f"kv_to_parameters must be positive, got {kv_to_parameters}")
+    return parameter_bytes + int(kv_to_parameters * parameter_bytes)

@@ -31,6 +31,9 @@ class WorkerSettings(ServiceSettings):
     model: str  # Hugging Face checkpoint directory
     # the instance's memory budget ("64MiB", "2GiB", bytes); None: parameters take 40% (CPU)
     memory_per_instance: Annotated[int | None, BeforeValidator(_size_or_none)] = None
+    # or: the budget is the whole model's parameters plus this many times as much KV cache
+    # (KUNSERVE_KV_TO_PARAMETERS=0.33: a model that fills most of its memory)
+    kv_to_parameters: float | None = Field(None, gt=0)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     block_size: int = Field(16, ge=1)
     max_num_seqs: int = Field(128, ge=1)
@@ -62,6 +65,7 @@ class WorkerSettings(ServiceSettings):
 
         return EngineConfig(model=self.model, dtype=self.dtype,
                             memory_per_instance=self.memory_per_instance,
+                            kv_to_parameters=self.kv_to_parameters,
                             block_size=self.block_size, max_num_seqs=self.max_num_seqs,
                             max_num_batched_tokens=self.max_num_batched_tokens,
                             max_model_len=self.max_model_len, num_threads=self.threads,

@@ -39,7 +39,7 @@ from kunserve.protocol import InstanceLoad, Topology
 
 @dataclass(frozen=True)
 class AutoSettings:
-    overload_window_s: float = 0.5
+    overload_window_s: float = 0.1
     overload_usage: float = 0.8  # KV usage at which a queue that does not fit is an overload
     restore_window_s: float = 5.0
     restore_usage: float = 0.5  # of the members' solo capacity

@@ -23,7 +23,7 @@ class PlannerSettings(ServiceSettings):
     policy: str = "kunserve"
     # the automatic planner (auto_policy.py): drop on overload, restore when calm
     auto_drop: bool = True
-    overload_window: float = Field(0.5, ge=0)  # seconds a group stays overloaded before a drop
+    overload_window: float = Field(0.1, ge=0)  # seconds a group stays overloaded before a drop
     overload_usage: float = Field(0.8, ge=0, le=1)  # KV usage that makes a queue an overload
     restore_window: float = Field(5.0, ge=0)  # seconds a group stays calm before its restore
     restore_usage: float = Field(0.5, gt=0, le=1)  # calm: demand below this x solo capacity

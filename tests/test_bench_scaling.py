@@ -45,10 +45,10 @@ def test_default_length_scale_fits_the_p99_request():
     p99 = 1000 + 0.01 * 3000  # linear interpolation between 1000 and 4000 tokens
     assert default_length_scale(shapes, 512) == pytest.approx(512 / p99)
     assert default_length_scale([Shape(0, 10, 10)], 2048) == 1.0  # never scaled up
-    # an instance of 8000 tokens holds 16 requests of the mean size (1000 + 30 = 1030 tokens)
+    # an instance of 2000 tokens holds 4 requests of the mean size (1000 + 30 = 1030 tokens)
     mean = (99 * 1000 + 4000) / 100
-    assert default_length_scale(shapes, 512, tokens_per_instance=8000) == pytest.approx(
-        8000 / (16 * mean))
+    assert default_length_scale(shapes, 512, tokens_per_instance=2000) == pytest.approx(
+        2000 / (4 * mean))
     assert default_length_scale(shapes, 512, tokens_per_instance=10**9) == pytest.approx(
         512 / p99)
 
@@ -65,7 +65,7 @@ def test_demand_by_hand():
 def test_rule_overloads_the_burst_by_half_when_the_mean_allows():
     # capacity 100: the burst may reach 150 tokens; 153 at x1 is over, so the first two
     # requests must stop overlapping: X = 2 (mean then 21.6%, under 60%)
-    chosen = choose_time_scale(REQUESTS, SPEED, capacity_tokens=100)
+    chosen = choose_time_scale(REQUESTS, SPEED, capacity_tokens=100, burst_target=1.5)
     assert chosen.time_scale == pytest.approx(2.0)
     assert chosen.peak_tokens == 101 and chosen.mean_fraction == pytest.approx(0.216)
     assert chosen.exceeds
@@ -148,3 +148,22 @@ def test_a_scenario_fits_every_request_in_one_solo_instance_s_kv_cache(tmp_path)
     sizes = [(r.input_tokens, r.output_tokens) for r in scenario.requests]
     assert sizes == [(256, 44), (180, 120), (30, 150)]  # output <= 300 // 2, prompt the rest
     assert scenario.description["max_request_tokens"] == 300
+
+
+def test_the_compute_bound_keeps_the_busiest_window_within_the_instances():
+    """Work = I x prefill + O x decode instance-seconds; the busiest 15 trace-seconds of work,
+    over instances x X x 15 s, is held at the compute target when memory alone would allow a
+    faster replay."""
+    from kunserve.bench.kv_demand import busiest_work, compute_load
+
+    speed = ServiceSpeed(prefill_s_per_token=0.01, tpot_s=0.1, decode_s_per_token=0.05)
+    spaced = [DemandRequest(t, 10, 10) for t in (0.0, 10.0, 20.0, 30.0)]  # 0.6 s of work each
+    assert busiest_work(spaced, speed, 15.0) == pytest.approx(1.2)  # two within any 15 s
+    assert compute_load(spaced, speed, 2, 1.0) == pytest.approx(1.2 / 30)
+    assert compute_load(spaced, ServiceSpeed(0.01, 0.1), 2, 1.0) is None  # decode cost unknown
+    burst = [DemandRequest(t, 10, 10) for t in (0.0, 1.0, 2.0, 3.0)]
+    chosen = choose_time_scale(burst, speed, capacity_tokens=10**9, instances=2)
+    assert chosen.time_scale == pytest.approx(2.4 / (2 * 15) / 0.8)  # memory alone: ~0
+    assert chosen.compute_load == pytest.approx(0.8)
+    without = choose_time_scale(burst, speed, capacity_tokens=10**9)  # instances unknown
+    assert without.time_scale < 1e-3 and without.compute_load is None

@@ -155,3 +155,17 @@ def test_too_long_prompt_fails_alone(llama_dir):
 def test_budget_too_small_for_parameters(llama_dir):
     with pytest.raises(ValueError, match="cannot hold parameters"):
         LLMEngine(EngineConfig(model=llama_dir, memory_per_instance=100_000))
+
+
+def test_kv_to_parameters_sizes_the_kv_cache_from_the_parameters(llama_dir):
+    """budget = parameters + reserve + ratio x parameters; the KV cache is the whole blocks of
+    ratio x parameters; and a ratio cannot be combined with a budget."""
+    engine = LLMEngine(EngineConfig(model=llama_dir, kv_to_parameters=0.25))
+    memory = engine.memory_report()
+    params, reserve = memory["parameter_bytes"], memory["reserve_bytes"]
+    assert memory["budget_bytes"] == params + reserve + int(0.25 * params)
+    assert memory["blocks_total"] == int(0.25 * params) // memory["block_bytes"]
+    assert memory["kv_bytes"] == memory["blocks_total"] * memory["block_bytes"]
+    with pytest.raises(ValueError, match="not both"):
+        LLMEngine(EngineConfig(model=llama_dir, kv_to_parameters=0.25,
+                               memory_per_instance=64 * 1024**2))

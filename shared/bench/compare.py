@@ -8,6 +8,12 @@ reference is the best policy's P50 TTFT and TPOT. Prints one side-by-side table 
 policy's ratio to ``kunserve``; writes ``OUT/compare.{json,csv}``, ``OUT/slo.csv``, the TTFT
 CDF of all policies and each policy's files (``results.py``) and timeline.
 
+The default demo (no trace options) sizes every worker's budget so that its KV cache is a
+third of its parameters (``DEMO_KV_TO_PARAMETERS``) unless ``--memory-per-instance`` or
+``--kv-to-parameters`` says otherwise: on 2 CPU cores, decode batching stops paying beyond a
+few sequences per instance, so the burst must run out of memory while a few requests run, not
+of cores (``kv_demand.py``'s compute bound keeps the replay within them).
+
 Every policy serves the same checkpoint (``--model``, else ``kunserve up``'s tiny model, built
 here first). Pipelined groups (``kunserve``'s drops, ``vllm-pp``'s pairs) cut their
 micro-batches by lookahead only with the model's cost model next to it, so a checkpoint that
@@ -36,6 +42,10 @@ from kunserve.bench.stats import SloPoint, slo_reference
 
 POLICIES = ("kunserve", "vllm", "vllm-pp", "infercept", "llumnix")
 BASELINE = "kunserve"
+# the default demo's budget: each worker's KV cache a third of its parameters' bytes, a model
+# that fills most of its memory (a 70B model on two 80 GB GPUs: ~0.1); a drop into a pair then
+# gives the pair 1 + 1 / (2 x 1/3) = 2.5x the KV of the two solo instances
+DEMO_KV_TO_PARAMETERS = 1 / 3
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -50,6 +60,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="checkpoint (default: kunserve up's tiny "
                                                  "model)")
     p.add_argument("--memory-per-instance", default=None, help="passed to kunserve up")
+    p.add_argument("--kv-to-parameters", type=float, default=None,
+                   help="size each worker's budget as its parameters plus this many times as "
+                        "much KV cache (KUNSERVE_KV_TO_PARAMETERS; instead of "
+                        "--memory-per-instance; the default demo: 1/3)")
     p.add_argument("--threads-per-worker", type=int, default=None, help="passed to kunserve up")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--no-profile", action="store_true",
@@ -74,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     options = StackOptions(instances=args.instances, model=model,
                            memory_per_instance=args.memory_per_instance,
                            threads_per_worker=args.threads_per_worker,
-                           startup_timeout_s=args.startup_timeout)
+                           startup_timeout_s=args.startup_timeout,
+                           extra_env=_budget_env(args))
     scenario: Scenario | None = None
     results: list[RunResult] = []
     for policy in args.policies:
@@ -93,6 +108,21 @@ def run(args: argparse.Namespace) -> int:
             results.append(result)
     _report(args.out, results)
     return 0
+
+
+def _budget_env(args: argparse.Namespace) -> dict[str, str]:
+    demo = args.trace is None and args.rate is None
+    if args.kv_to_parameters is None and args.memory_per_instance is None and demo:
+        args.kv_to_parameters = DEMO_KV_TO_PARAMETERS
+        print(f"== the demo's budget: KV cache {DEMO_KV_TO_PARAMETERS:.2f} x the parameters "
+              "(a pair's drop gives it 2.5x the KV)", flush=True)
+    if args.kv_to_parameters is None:
+        return {}
+    if args.memory_per_instance is not None:
+        raise ValueError("give --memory-per-instance or --kv-to-parameters, not both")
+    if args.kv_to_parameters <= 0:
+        raise ValueError(f"--kv-to-parameters must be positive, got {args.kv_to_parameters}")
+    return {"KUNSERVE_KV_TO_PARAMETERS": repr(args.kv_to_parameters)}
 
 
 def served_model(model: str | None, profile: bool) -> str:

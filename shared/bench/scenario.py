@@ -69,7 +69,7 @@ def add_scenario_args(p: argparse.ArgumentParser) -> None:
                    help="multiply arrival times by this (default: the KV-demand rule)")
     g.add_argument("--length-scale", type=float, default=None,
                    help="multiply lengths by this (default: the p99 request fits the context "
-                        "and an instance's KV holds 16 mean requests)")
+                        "and an instance's KV holds 4 mean requests)")
     g.add_argument("--max-requests", type=int, default=None,
                    help="keep the first N requests (synthetic: send N; default 200)")
     g.add_argument("--seed", type=int, default=0, help="prompts, drawn lengths, arrivals")
@@ -81,6 +81,10 @@ def add_scenario_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--kv-burst-target", type=float, default=kv_demand.BURST_TARGET,
                    help="the burst's peak demand this fraction of capacity (if the average "
                         "allows)")
+    r.add_argument("--compute-target", type=float, default=kv_demand.COMPUTE_TARGET,
+                   help="the busiest 15 s of arrivals at most this fraction of what the "
+                        "instances compute (measured by the probe), so that the burst "
+                        "exhausts memory, not the cores")
     r.add_argument("--capacity-tokens", type=int, default=None,
                    help="KV capacity (default: from GET /v1/cluster)")
     r.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE,
@@ -200,10 +204,12 @@ async def _time_scale(args: argparse.Namespace, url: str, info: StackInfo, shape
     desc.update(capacity_tokens=capacity, speed=asdict(speed))
     demands = [s.demand() for s in shapes]
     everything = [s.demand() for s in whole]
+    instances = info.instances or 0
     if fixed is not None:
-        return fixed, kv_demand.estimate(demands, speed, capacity, fixed, everything)
+        return fixed, kv_demand.estimate(demands, speed, capacity, fixed, everything, instances)
     chosen = kv_demand.choose_time_scale(demands, speed, capacity, args.kv_mean_target,
-                                         args.kv_burst_target, everything)
+                                         args.kv_burst_target, everything, instances,
+                                         args.compute_target)
     return chosen.time_scale, chosen
 
 
@@ -213,11 +219,12 @@ async def _speed(args: argparse.Namespace, url: str, info: StackInfo, shapes: li
         return ServiceSpeed(args.prefill_ms_per_token / 1e3, args.tpot_ms / 1e3)
     print("measuring the stack's speed with its KV cache full ...", flush=True)
     measured = await measure_speed(url, info.model, shapes, capacity, info.vocab_size,
-                                   PROBE_LOAD, args.seed)
+                                   PROBE_LOAD, args.seed, info.instances or 1)
     return ServiceSpeed(
         measured.prefill_s_per_token if args.prefill_ms_per_token is None
         else args.prefill_ms_per_token / 1e3,
-        measured.tpot_s if args.tpot_ms is None else args.tpot_ms / 1e3)
+        measured.tpot_s if args.tpot_ms is None else args.tpot_ms / 1e3,
+        measured.decode_s_per_token)
 
 
 def _demand_dict(demand: DemandEstimate | None) -> dict | None:
@@ -243,11 +250,15 @@ def describe(desc: dict) -> str:
     speed = desc.get("speed")
     if speed:
         lines.append(f"service speed: prefill {1e3 * speed['prefill_s_per_token']:.3f} ms/token,"
-                     f" TPOT {1e3 * speed['tpot_s']:.1f} ms")
+                     f" TPOT {1e3 * speed['tpot_s']:.1f} ms"
+                     + (f", {1e3 * speed['decode_s_per_token']:.2f} ms of an instance per "
+                        "output token" if speed.get("decode_s_per_token") else ""))
     demand = desc.get("demand")
     if demand:
         lines.append(f"KV demand estimate: mean {100 * demand['mean_fraction']:.0f}%, peak "
                      f"{100 * demand['peak_fraction']:.0f}% of {demand['capacity_tokens']} "
                      f"tokens" + ("" if demand["burst_exceeds_capacity"]
-                                  else " (the burst does not exceed capacity)"))
+                                  else " (the burst does not exceed capacity)")
+                     + (f"; the busiest 15 s need {100 * demand['compute_load']:.0f}% of the "
+                        "instances' compute" if demand.get("compute_load") is not None else ""))
     return "\n".join(lines)

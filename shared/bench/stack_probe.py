@@ -9,7 +9,8 @@ context, its vocabulary, the KV capacity, and how fast it serves under load.
 - ``warm_up``: a few short requests before a replay on a fresh stack.
 - Speed (``measure_speed``): one request alone gives the prefill time per prompt token
   (TTFT / prompt length); then as many concurrent requests of the median shape as fill
-  ``load`` of the capacity give the TPOT (their median) under that load.
+  ``load`` of the capacity give the TPOT (their median) under that load, and the compute an
+  output token costs there (TPOT over the requests each instance ran at once).
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def _vocab_size(root: str | None) -> int:
 
 
 async def measure_speed(url: str, model: str, shapes: list[Shape], capacity_tokens: int,
-                        vocab_size: int, load: float, seed: int = 0) -> ServiceSpeed:
-    """The service speed at ``load`` (a fraction of the KV capacity) with requests of the
-    median shape of ``shapes`` (already length-scaled)."""
+                        vocab_size: int, load: float, seed: int = 0,
+                        instances: int = 1) -> ServiceSpeed:
+    """The service speed at ``load`` (a fraction of the KV capacity of ``instances``) with
+    requests of the median shape of ``shapes`` (already length-scaled)."""
     inp = max(1, round(statistics.median(s.input_tokens for s in shapes)))
     out = max(2, round(statistics.median(s.output_tokens for s in shapes)))
     k = int(min(MAX_PROBE_CONCURRENCY, max(1, round(load * capacity_tokens / (inp + out / 2)))))
@@ -85,8 +87,9 @@ async def measure_speed(url: str, model: str, shapes: list[Shape], capacity_toke
     if not alone[0].ttft_s or not tpots:
         raise ValueError("the speed probe's requests failed: " +
                          "; ".join({r.error or "" for r in alone + crowd}))
-    return ServiceSpeed(prefill_s_per_token=alone[0].ttft_s / inp,
-                        tpot_s=statistics.median(tpots))
+    tpot = statistics.median(tpots)
+    return ServiceSpeed(prefill_s_per_token=alone[0].ttft_s / inp, tpot_s=tpot,
+                        decode_s_per_token=tpot * max(1, instances) / k)
 
 
 async def _probe(client: httpx.AsyncClient, model: str, shapes: list[Shape], vocab_size: int,
