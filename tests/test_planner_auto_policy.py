@@ -93,14 +93,18 @@ def test_the_overload_window_must_hold_without_a_break():
 
 
 def test_the_restore_window_restarts_when_demand_rises_or_the_queue_fills():
-    policy = RestorePolicy(window_s=1.0, usage_fraction=0.5)
+    # calm: below 12 of the 24 solo blocks; rising: more than 6 blocks (half of 12) above
+    # the window's start
+    policy = RestorePolicy(window_s=1.0, usage_fraction=0.5, rise_tolerance=0.5)
     solo = {"a": 24 * 16}
-    low, lower = demand(used=5, queued=0), demand(used=4, queued=0)
+    low, lower, trickle = (demand(used=2, queued=0), demand(used=1, queued=0),
+                           demand(used=8, queued=0))
     assert policy.observe(0.0, [low], solo) == []
     assert policy.observe(0.5, [lower], solo) == []  # falling: the window goes on
-    assert policy.observe(0.75, [low], solo) == []  # back to where it started: not rising
+    assert policy.observe(0.625, [trickle], solo) == []  # up 6 blocks: not rising
+    assert policy.observe(0.75, [low], solo) == []
     assert policy.observe(1.0, [low], solo) == [low]
-    rising = demand(used=6, queued=0)
+    rising = demand(used=9, queued=0)  # 7 blocks above the start
     assert policy.observe(1.25, [rising], solo) == []  # restarted at 1.25
     assert policy.observe(2.0, [rising], solo) == []
     assert policy.observe(2.25, [rising], solo) == [rising]
@@ -116,7 +120,7 @@ def test_the_restore_window_restarts_when_demand_rises_or_the_queue_fills():
 def series() -> list[int]:
     """The cluster's KV demand in blocks, one value per tick (1/8 s): idle, a first burst
     with a one-tick break in its overload, a tail that dips below the restore threshold and
-    comes back above it, a slowly rising calm, idle, a second burst, idle."""
+    comes back above it, a calm with a small rise, idle, a second burst, idle."""
     return ([4] * 10 + [60] * 3 + [40] + [80] * 27 + [20] * 10 + [30] * 2 + [10] * 8
             + [12] * 39 + [90] * 31 + [0] * 40)
 
@@ -163,9 +167,10 @@ def test_two_bursts_give_exactly_drop_restore_drop_restore():
                             restore_usage=0.5)
     decisions = replay(AutoPolicy(settings, L), series())
     # burst 1 overloaded from tick 10, broken at 13, again from 14: 0.5 s later, tick 18;
-    # calm from 41, broken by 30 blocks at 51-52, calm from 53 but rising at 61: tick 61+16;
-    # burst 2 from tick 100: tick 104; calm from 131: tick 147
-    assert decisions == [(18, "drop", ("w0", "w1")), (77, "restore", "g2"),
+    # calm from 41, broken by 30 blocks at 51-52, calm from 53 (the rise from 10 to 12
+    # blocks at 61 is within the tolerance): tick 53+16; burst 2 from tick 100: tick 104;
+    # calm from 131: tick 147
+    assert decisions == [(18, "drop", ("w0", "w1")), (69, "restore", "g2"),
                          (104, "drop", ("w0", "w1")), (147, "restore", "g5")]
 
 
