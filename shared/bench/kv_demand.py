@@ -19,11 +19,11 @@ of trace time, over ``instances × X × compute_window_s``.
 **The rule.** Choose the smallest ``X`` (the fastest replay) such that the mean demand is at
 most ``mean_target`` (60%) of capacity, the peak is at most ``burst_target`` (200%) of it, and
 the compute load at most ``compute_target`` (80%), i.e. ``X = max(X_mean, X_peak, X_compute)``:
-the burst needs twice the cache (a pair's drop with the demo's budget gives 2.5x) unless that would push the average over 60% or
-the cores past 80%; then the estimate says how far the burst still goes over (``exceeds``
-False: it does not, and memory is not what the burst exhausts on this stack). The mean is the whole trace's
-(the average load the burst rises from), the peak the replayed window's; they are the same
-requests when no window is cut. Stretching arrivals never raises
+the burst needs twice the cache (a pair's drop with the demo's budget gives 2.5x) unless that
+would push the average over 60% or the cores past 80%; then the estimate says how far the burst
+still goes over (``exceeds`` False: it does not, and memory is not what the burst exhausts on
+this stack). The mean is the whole trace's (the average load the burst rises from), the peak
+the replayed window's; they are the same requests when no window is cut. Stretching arrivals never raises
 the peak (a set of requests that overlaps at ``X'`` also overlaps at any ``X < X'``), so
 ``X_peak`` is found by bisection.
 """
