@@ -33,8 +33,8 @@ from kunserve.bench.workload import (
 ARRIVALS_TRACE = "AzureLLMInferenceTrace_code.csv"
 LENGTHS_TRACE = "AzureLLMInferenceTrace_conv.csv"
 BURST_WIDTH_S = 15.0  # trace seconds: the code trace's busiest 15 s run at ~12x its mean rate
-BURST_BEFORE_S = 10.0  # the demo's window: this much of the trace before the burst ...
-BURST_AFTER_S = 10.0  # ... and after it
+BURST_BEFORE_S = 5.0  # the demo's window: this much of the trace before the burst ...
+BURST_AFTER_S = 5.0  # ... and after it (the demo: five policies in under 10 minutes)
 # The speed probe fills the KV cache: the peak the rule bounds is made of requests served at
 # about that load (the probe's TPOT is still below a burst's, whose prefills interleave).
 PROBE_LOAD = 1.0
