@@ -63,7 +63,9 @@ def read_tensors(path: Path, names: list[str], index: dict[str, Path],
         try:
             with safe_open(str(file), framework="pt") as f:
                 for name in file_names:
-                    yield name, f.get_tensor(name).to(dtype)
+                    # a copy in memory the allocator owns, not a private mapping of the file:
+                    # a drop reuses the memory of the layers it frees (``kv_transfer``)
+                    yield name, f.get_tensor(name).to(dtype, copy=True)
         except (OSError, RuntimeError, SafetensorError) as exc:
             raise CheckpointError(f"cannot read {file}: {exc}") from exc
 

@@ -102,10 +102,12 @@ class LlamaStage(nn.Module):
         if not (mine.start <= layers.start and layers.end <= mine.end):
             raise ValueError(f"layers [{layers.start}, {layers.end}) are not all held by "
                              f"[{mine.start}, {mine.end})")
-        with torch.device("meta"):
-            narrow = LlamaStage(self.config, layers, self.rotary.cos.dtype)
-        if layers.is_first:
-            narrow.embed_tokens = self.embed_tokens
+        # assembled from this stage's modules, not constructed: building the modules of a
+        # stage, even on the meta device, costs milliseconds in the middle of a drop
+        narrow = LlamaStage.__new__(LlamaStage)
+        nn.Module.__init__(narrow)
+        narrow.config, narrow.layer_range = self.config, layers
+        narrow.embed_tokens = self.embed_tokens if layers.is_first else None
         narrow.layers = nn.ModuleList(self.layers[layers.start - mine.start:
                                                   layers.end - mine.start])
         if layers.is_last:
