@@ -54,6 +54,10 @@ class MoveStats:
     bytes_copied: int = 0  # local pieces (the uneven layout, restore)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time meanwhile, every thread (gloo's too)
+    # ``time.perf_counter`` stamps (one clock for every process of a host): a member that
+    # starts first waits for the others inside its ``seconds``
+    started_at: float = 0.0
+    ended_at: float = 0.0
 
 
 def exchange_order(pieces: list[KVPiece], rank: int,
@@ -122,7 +126,8 @@ def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPi
         stats.bytes_received += buffer.nbytes
     if link is not None:
         link.flush()
-    stats.seconds = time.perf_counter() - start
+    stats.started_at, stats.ended_at = start, time.perf_counter()
+    stats.seconds = stats.ended_at - start
     stats.cpu_seconds = time.process_time() - cpu_start
     return stats
 

@@ -172,10 +172,11 @@ def summarize(spec: DropBenchSpec, num_layers: int, members: list[dict]) -> dict
     times = _token_times(members)
     counts = {rid: sum(len(v) for v in by_phase.values()) for rid, by_phase in times.items()}
     block_size = leader["block_size"]
+    exchange = _exchange(members)
     return {
         **asdict(spec), "num_layers": num_layers, "cpu_count": os.cpu_count(),
-        "phases_s": phases, **_exchange(members),
-        "gap": _gaps(spec, members, times, max(phases["KV exchange"])),
+        "phases_s": phases, **exchange,
+        "gap": _gaps(spec, members, times, exchange["all_in_s"]),
         "decode": _decode(spec, members, times),
         "kv_tokens": {"solo_per_instance": leader["solo_memory"]["blocks_total"] * block_size,
                       "group": leader["group_memory"]["blocks_total"] * block_size},
@@ -199,7 +200,10 @@ def _phases(members: list[dict]) -> dict[str, list[float]]:
 
 
 def _exchange(members: list[dict]) -> dict:
-    """The drop's KV exchange against the raw link's best round (by its slowest member)."""
+    """The drop's KV exchange against the raw link's best round (by its slowest member).
+    The raw rounds start at a barrier; the exchange's aggregate is timed the same way, from
+    the last member starting to move to the last one done (``all_in_s``: a member that
+    starts first waits for the others, which its own ``exchange_s`` shows)."""
     rounds = range(len(members[0]["raw"]["seconds"]))
     slowest = [max(m["raw"]["seconds"][i] for m in members) for i in rounds]
     best = min(rounds, key=lambda i: slowest[i])
@@ -214,10 +218,12 @@ def _exchange(members: list[dict]) -> dict:
                      "raw_gb_s": raw["bytes_sent"] / raw["seconds"][best] / 1e9,
                      "exchange_cpu_s": m["kv_moved"]["cpu_seconds"],
                      "raw_cpu_s": raw["cpu_seconds"][best]})
-    agg = sum(r["bytes_sent"] for r in rows) / max(r["exchange_s"] for r in rows) / 1e9
+    moved = [m["kv_moved"] for m in members]
+    all_in = max(m["ended_at"] for m in moved) - max(m["started_at"] for m in moved)
+    agg = sum(r["bytes_sent"] for r in rows) / all_in / 1e9
     raw_agg = sum(r["raw_bytes_sent"] for r in rows) / slowest[best] / 1e9
     cpu = sum(r["raw_cpu_s"] for r in rows) / sum(r["exchange_cpu_s"] for r in rows)
-    return {"exchange": rows, "exchange_gb_s": agg, "raw_gb_s": raw_agg,
+    return {"exchange": rows, "all_in_s": all_in, "exchange_gb_s": agg, "raw_gb_s": raw_agg,
             "exchange_vs_raw": agg / raw_agg, "raw_rounds_s": slowest, "raw_vs_exchange_cpu": cpu}
 
 
@@ -473,10 +479,12 @@ def _print_table(r: dict) -> None:
               f"{e['raw_gb_s']:>9.2f} {e['gb_s'] / e['raw_gb_s']:>6.0%}  "
               f"{1e3 * e['exchange_cpu_s']:>12.1f} {1e3 * e['raw_cpu_s']:>6.1f}")
     print(f"{'all':>6} {sum(e['bytes_sent'] for e in r['exchange']) / 1e6:>8.2f} {'':>8} "
-          f"{1e3 * max(e['exchange_s'] for e in r['exchange']):>8.1f} {r['exchange_gb_s']:>10.2f}"
+          f"{1e3 * r['all_in_s']:>8.1f} {r['exchange_gb_s']:>10.2f}"
           f" {1e3 * max(e['raw_s'] for e in r['exchange']):>8.1f} {r['raw_gb_s']:>9.2f} "
           f"{r['exchange_vs_raw']:>6.0%}   target >= 50%: "
           f"{'met' if r['exchange_vs_raw'] >= 0.5 else 'NOT met'}")
+    print("  'all' exch ms: from the last member starting to move to the last one done (the raw "
+          "rounds start at a barrier); a member's own row also counts its wait for the others")
     print(f"CPU time (every thread of each member, summed): raw / exchange = "
           f"{r['raw_vs_exchange_cpu']:.0%}; the exchange also packs and scatters every byte, "
           "and the members share the machine's cores")
