@@ -117,16 +117,3 @@ def test_restore_assignment_balances_and_refuses_what_does_not_fit():
     assert assign_requests({"w": 0}, 2, 4) == {"w": 0}  # a waiting request holds no blocks
     with pytest.raises(ValueError, match="restore when the load is lower"):
         assign_requests({"a": 3, "b": 3, "c": 3}, 2, 4)
-
-
-def test_a_piece_moves_in_chunks_of_at_most_chunk_bytes(monkeypatch):
-    from kunserve.worker.group_layout import KVPiece
-    from kunserve.worker.pipeline import kv_transfer
-
-    monkeypatch.setattr(kv_transfer, "CHUNK_BYTES", 250)
-    piece = KVPiece(src=0, dst=1, layer_start=2, layer_end=4, src_blocks=(0, 2, 4, 6, 8),
-                    dst_blocks=(1, 3, 5, 7, 9))
-    assert kv_transfer.piece_chunks(piece, slot_bytes=100) == [
-        (2, 0, 2), (2, 2, 4), (2, 4, 5), (3, 0, 2), (3, 2, 4), (3, 4, 5)]
-    # a block larger than a chunk still moves, one block per message
-    assert kv_transfer.piece_chunks(piece, slot_bytes=1000)[:2] == [(2, 0, 1), (2, 1, 2)]

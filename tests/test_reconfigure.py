@@ -42,7 +42,7 @@ def die_in(phase: str) -> None:
 
 def member_main(port: int, rank: int, size: int, config: EngineConfig,
                 prompts: dict[str, list[int]], steps: tuple[int, int], results: mp.Queue,
-                dies_in: str | None = None, chunk_bytes: int | None = None) -> None:
+                dies_in: str | None = None) -> None:
     from kunserve.worker.pipeline.reconfigure import (
         DropRefused,
         GroupFailed,
@@ -54,10 +54,6 @@ def member_main(port: int, rank: int, size: int, config: EngineConfig,
 
     if dies_in:
         die_in(dies_in)
-    if chunk_bytes is not None:  # KV moves in messages of this many bytes at most
-        from kunserve.worker.pipeline import kv_transfer
-
-        kv_transfer.CHUNK_BYTES = chunk_bytes
     try:
         engine = LLMEngine(config)
         params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
@@ -124,10 +120,8 @@ def models(model_dirs, tmp_path_factory) -> dict[str, str]:
 
 
 def run_group(model: str, size: int, prompts: list[list[int]], steps=(3, 4),
-              dies: tuple[int, str] | None = None, chunk_bytes: int | None = None,
-              **overrides):
-    """Run the members; ``dies``: (rank, phase) of a member that dies in that phase;
-    ``chunk_bytes``: the KV exchange's message size (``kv_transfer.CHUNK_BYTES``)."""
+              dies: tuple[int, str] | None = None, **overrides):
+    """Run the members; ``dies``: (rank, phase) of a member that dies in that phase."""
     ctx = mp.get_context("spawn")
     store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=60))
@@ -137,7 +131,7 @@ def run_group(model: str, size: int, prompts: list[list[int]], steps=(3, 4),
              for r in range(size)}
     processes = [ctx.Process(target=member_main, daemon=True,
                              args=(store.port, r, size, config, share[r], steps, results,
-                                   dies[1] if dies and dies[0] == r else None, chunk_bytes))
+                                   dies[1] if dies and dies[0] == r else None))
                  for r in range(size)]
     for process in processes:
         process.start()
@@ -172,17 +166,14 @@ def run_group(model: str, size: int, prompts: list[list[int]], steps=(3, 4),
     return merged, expected_ids, {r: rep for r, (_, rep) in by_rank.items()}, config
 
 
-@pytest.mark.parametrize("model,size,overrides,chunk_bytes", [
-    ("llama4", 2, {}, None),
-    ("llama5", 2, {"max_num_batched_tokens": 24}, None),  # uneven layers, chunked prefill
-    ("llama4", 4, {}, None),
-    ("llama4", 2, {}, 1),  # every block of every layer its own message
-], ids=["even-2", "uneven-2-chunked", "even-4", "even-2-kv-block-messages"])
-def test_drop_and_restore_keep_greedy_tokens_and_accounting(models, model, size, overrides,
-                                                            chunk_bytes):
+@pytest.mark.parametrize("model,size,overrides", [
+    ("llama4", 2, {}),
+    ("llama5", 2, {"max_num_batched_tokens": 24}),  # uneven layers, chunked prefill
+    ("llama4", 4, {}),
+], ids=["even-2", "uneven-2-chunked", "even-4"])
+def test_drop_and_restore_keep_greedy_tokens_and_accounting(models, model, size, overrides):
     prompts = make_prompts(2 * size, vocab=500, lengths=[5 + 9 * i for i in range(2 * size)])
-    merged, prompt_of, reports, config = run_group(models[model], size, prompts,
-                                                   chunk_bytes=chunk_bytes, **overrides)
+    merged, prompt_of, reports, config = run_group(models[model], size, prompts, **overrides)
     for rid, prompt in prompt_of.items():
         assert merged[rid] == hf_greedy(models[model], prompt, MAX_TOKENS), rid
 

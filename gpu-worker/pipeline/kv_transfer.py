@@ -1,9 +1,8 @@
 """Moves KV slices between the members of a group while their caches change geometry.
 
 ``group_layout.py`` says which slices go where (``KVPiece``); this module moves the bytes, the
-same way on every member, in messages of at most ``CHUNK_BYTES``: a run of a piece's blocks in
-one layer (``piece_chunks``; never the whole cache at once, and small enough to be staged in
-the tensors of the layers a drop frees), in the order ``exchange_order`` gives: round
+same way on every member, one message per layer of a piece (so a chunk is one layer's slice of
+the blocks, never the whole cache at once), in the order ``exchange_order`` gives: round
 ``k`` = 1 .. g-1 sends to rank + k and receives from rank - k, so in every round each member
 sends to one peer and receives from one, and each sender's first message is its receiver's:
 
@@ -12,8 +11,8 @@ sends to one peer and receives from one, and each sender's first message is its 
    ``RECEIVE_DEPTH`` fresh buffers, reused as they drain. Gloo moves a message only once its
    receive is posted, so posting them first lets every peer stream while this member packs;
 2. pack: copy out of the old geometry every slice this member sends or copies locally, one
-   tensor (n_blocks, 2, block_size, kv_heads, head_dim) per chunk, and send each packed chunk
-   at once (asynchronous), so the send of one chunk overlaps the packing of the next;
+   tensor (n_blocks, 2, block_size, kv_heads, head_dim) per layer, and send each packed layer
+   at once (asynchronous), so the send of layer i overlaps the packing of layer i+1;
 3. re-read the storage with the new geometry (``KVCache.reshape``: no copy), write the local
    slices;
 4. wait for the receives in order and scatter each into the new geometry while the later ones
@@ -27,7 +26,6 @@ runs on the link meanwhile: the group is not serving during a move.
 from __future__ import annotations
 
 import itertools
-import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,12 +37,7 @@ from kunserve.worker.kv_cache import KVCache
 from kunserve.worker.memory_budget import KVGeometry
 from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
 
-# fresh receive buffers in flight when ``staging`` has no room (16 MiB of chunks): gloo moves
-# a chunk only once its receive is posted, so a receive posted late stalls its sender
-RECEIVE_DEPTH = 32
-# a message's most bytes: a fused parameter of one freed layer holds a packed chunk (fresh
-# memory costs a page fault per page, several times the copy; see ``_Staging``)
-CHUNK_BYTES = 512 * 1024
+RECEIVE_DEPTH = 4  # fresh receive buffers in flight when ``staging`` has no room
 
 
 @dataclass
@@ -72,16 +65,6 @@ def exchange_order(pieces: list[KVPiece], rank: int,
     return outgoing, incoming
 
 
-def piece_chunks(piece: KVPiece, slot_bytes: int) -> list[tuple[int, int, int]]:
-    """The messages of ``piece``, in order: (layer, first, end) over the piece's blocks, each
-    at most ``CHUNK_BYTES`` of ``slot_bytes`` per block and layer (at least one block)."""
-    per = max(1, CHUNK_BYTES // slot_bytes)
-    count = len(piece.src_blocks)
-    return [(layer, first, min(first + per, count))
-            for layer in range(piece.layer_start, piece.layer_end)
-            for first in range(0, count, per)]
-
-
 @torch.inference_mode()
 def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPiece],
             geometry: KVGeometry, num_blocks: int, layer_start: int,
@@ -98,31 +81,38 @@ def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPi
     # staging goes to the packed slices first (each lives until sent), then to receive buffers
     # (those are reused as they drain): (n_blocks, 2, block_size, kv_heads, head_dim) each
     before, slot = (_slot(g) for g in (cache.geometry, geometry))
-    slot_bytes = dtype.itemsize * math.prod(slot)
-    sending = [(piece, piece_chunks(piece, slot_bytes)) for piece in outgoing]
-    packed = [[buffers.take((end - first, *before), dtype) for _, first, end in chunks]
-              for _, chunks in sending]
-    receives = _Receives(link, buffers, [(piece, chunk, (chunk[2] - chunk[1], *slot))
+    packed = [[buffers.take((len(piece.src_blocks), *before), dtype)
+               for _ in range(piece.num_layers)] for piece in outgoing]
+    receives = _Receives(link, buffers, [(piece, layer, (len(piece.dst_blocks), *slot))
                                          for piece in incoming
-                                         for chunk in piece_chunks(piece, slot_bytes)],
+                                         for layer in range(piece.layer_start, piece.layer_end)],
                          cache.storage)
     local = []
-    for (piece, chunks), outs in zip(sending, packed, strict=True):  # pack; what leaves goes
-        for (layer, first, end), out in zip(chunks, outs, strict=True):  # at once (async)
-            tensor = _Rows(piece.src_blocks[first:end]).gather(cache.layer_blocks(layer), out)
+    for piece, outs in zip(outgoing, packed, strict=True):  # pack; what leaves goes at once,
+        rows = _Rows(piece.src_blocks)                        # layer by layer (sends are async)
+        layers = []
+        for layer, out in zip(range(piece.layer_start, piece.layer_end), outs, strict=True):
+            tensor = rows.gather(cache.layer_blocks(layer), out)
             if piece.dst == rank:
-                local.append((piece, (layer, first, end), tensor))
+                layers.append(tensor)
                 continue
             assert link is not None
             link.send_tensor(tensor, piece.dst)
             stats.bytes_sent += tensor.nbytes
+        if piece.dst == rank:
+            local.append((piece, layers))
     cache.reshape(geometry, num_blocks, layer_start)
-    for piece, chunk, tensor in local:
-        _scatter(cache, piece, chunk, tensor)
-        stats.bytes_copied += tensor.nbytes
+    for piece, layers in local:
+        rows = _Rows(piece.dst_blocks)
+        for layer, tensor in zip(range(piece.layer_start, piece.layer_end), layers,
+                                 strict=True):
+            rows.scatter(cache.layer_blocks(layer), tensor)
+            stats.bytes_copied += tensor.nbytes
     del local, packed
-    for piece, chunk, buffer in receives:
-        _scatter(cache, piece, chunk, buffer)
+    rows_of: dict[int, _Rows] = {}
+    for piece, layer, buffer in receives:
+        rows = rows_of.setdefault(id(piece), _Rows(piece.dst_blocks))
+        rows.scatter(cache.layer_blocks(layer), buffer)
         stats.bytes_received += buffer.nbytes
     if link is not None:
         link.flush()
@@ -130,12 +120,6 @@ def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPi
     stats.seconds = stats.ended_at - start
     stats.cpu_seconds = time.process_time() - cpu_start
     return stats
-
-
-def _scatter(cache: KVCache, piece: KVPiece, chunk: tuple[int, int, int],
-             packed: torch.Tensor) -> None:
-    layer, first, end = chunk
-    _Rows(piece.dst_blocks[first:end]).scatter(cache.layer_blocks(layer), packed)
 
 
 def _slot(geometry: KVGeometry) -> tuple[int, ...]:
@@ -149,18 +133,17 @@ class _Receives:
     else fresh, at most ``RECEIVE_DEPTH`` of those in flight, each reused once drained."""
 
     def __init__(self, link: StageLink | None, staging: _Staging,
-                 wanted: list[tuple[KVPiece, tuple[int, int, int], tuple[int, ...]]],
-                 like: torch.Tensor) -> None:
+                 wanted: list[tuple[KVPiece, int, tuple[int, ...]]], like: torch.Tensor) -> None:
         self._link, self._staging, self._like = link, staging, like
-        self._wanted = deque(wanted)  # (piece, chunk, shape), in receive order
-        self._posted: deque = deque()  # (piece, chunk, buffer, work, fresh)
+        self._wanted = deque(wanted)  # (piece, layer, shape), in receive order
+        self._posted: deque = deque()  # (piece, layer, buffer, work, fresh)
         self._spare: list[torch.Tensor] = []  # drained fresh buffers
         self._fresh = 0  # fresh buffers in flight
         self._post()
 
     def _post(self) -> None:
         while self._wanted:
-            piece, chunk, shape = self._wanted[0]
+            piece, layer, shape = self._wanted[0]
             buffer, fresh = self._staging.take(shape, self._like.dtype), False
             if buffer is None:
                 fresh = True
@@ -182,21 +165,21 @@ class _Receives:
                 self._fail(failed)
             self._wanted.popleft()
             self._fresh += int(fresh)
-            self._posted.append((piece, chunk, buffer, work, fresh))
+            self._posted.append((piece, layer, buffer, work, fresh))
 
     def __iter__(self):
         while self._posted:
-            piece, chunk, buffer, work, fresh = self._posted.popleft()
+            piece, layer, buffer, work, fresh = self._posted.popleft()
             assert self._link is not None
             failed = None
             try:
-                self._link.wait(work, f"layer {chunk[0]}'s KV from rank {piece.src}")
+                self._link.wait(work, f"layer {layer}'s KV from rank {piece.src}")
             except StageLinkError as exc:
                 failed = str(exc)
             if failed is not None:
                 work = None
                 self._fail(failed)
-            yield piece, chunk, buffer
+            yield piece, layer, buffer
             if fresh:
                 self._fresh -= 1
                 self._spare.append(buffer)

@@ -34,7 +34,6 @@ import argparse
 import datetime
 import itertools
 import json
-import math
 import os
 import queue
 import statistics
@@ -415,7 +414,7 @@ class _Member:
         from and into preallocated buffers, nothing packed or scattered."""
         from kunserve.worker.checkpoint import TORCH_DTYPES
         from kunserve.worker.group_layout import drop_layout
-        from kunserve.worker.pipeline.kv_transfer import exchange_order, piece_chunks
+        from kunserve.worker.pipeline.kv_transfer import exchange_order
 
         size, rank = self.spec.size, self.rank
         tables = [json.loads(self.store.get(f"tables/{r}")) for r in range(size)]
@@ -424,12 +423,10 @@ class _Member:
         model, config = engine.model_config, engine.config
         slot = (2, config.block_size, model.num_kv_heads, model.head_dim)
         dtype = TORCH_DTYPES[config.dtype]
-        slot_bytes = dtype.itemsize * math.prod(slot)
-        sends = [(p.dst, torch.zeros((end - first, *slot), dtype=dtype))
-                 for p in outgoing if p.dst != rank
-                 for _, first, end in piece_chunks(p, slot_bytes)]
-        recvs = [(p.src, torch.empty((end - first, *slot), dtype=dtype))
-                 for p in incoming for _, first, end in piece_chunks(p, slot_bytes)]
+        sends = [(p.dst, torch.zeros((len(p.src_blocks), *slot), dtype=dtype))
+                 for p in outgoing if p.dst != rank for _ in range(p.num_layers)]
+        recvs = [(p.src, torch.empty((len(p.dst_blocks), *slot), dtype=dtype))
+                 for p in incoming for _ in range(p.num_layers)]
         os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # the StageLink's address: 127.0.0.1
         dist.init_process_group("gloo", store=dist.PrefixStore("raw-link", self.store),
                                 rank=rank, world_size=size,
