@@ -68,6 +68,13 @@ def test_layer_range_reads_only_its_tensors(llama_dir):
         llama_dir).parameter_bytes()
 
 
+def test_parameters_are_copied_out_of_the_checkpoint_file(llama_dir):
+    """A drop stages KV in the tensors of the layers it frees (``kv_transfer._Staging``),
+    which must be memory torch's allocator owns, not a private mapping of the file."""
+    stage = load_stage(llama_dir)
+    assert all(p.untyped_storage().resizable() for p in stage.parameters())
+
+
 def test_stages_chain_to_the_full_model_hidden_states(llama_dir):
     from kunserve.worker.model.attention import AttentionMetadata
     from kunserve.worker.model.llama import LlamaStage
@@ -88,6 +95,19 @@ def test_stages_chain_to_the_full_model_hidden_states(llama_dir):
     hidden = run(first, ids)  # (12, H) hidden states between the stages
     assert hidden.shape == (12, 64)
     torch.testing.assert_close(run(last, hidden), run(full, ids), rtol=0, atol=1e-5)
+
+    # a drop narrows the whole stage in place: the kept layers are the same tensors, and the
+    # narrowed stages chain to the same hidden states
+    head, tail = full.narrow(LayerRange(0, 2, 5)), full.narrow(LayerRange(2, 5, 5))
+    assert head.embed_tokens is full.embed_tokens and not hasattr(head, "lm_head")
+    assert tail.embed_tokens is None and tail.lm_head is full.lm_head
+    assert [layer is full.layers[i] for i, layer in enumerate(head.layers)] == [True] * 2
+    assert [layer is full.layers[2 + i] for i, layer in enumerate(tail.layers)] == [True] * 3
+    assert list(tail.model_state()) == list(last.model_state())
+    assert not head.training and not any(p.requires_grad for p in tail.parameters())
+    torch.testing.assert_close(run(tail, run(head, ids)), run(full, ids), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="not all held"):
+        head.narrow(LayerRange(1, 3, 5))
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
