@@ -34,7 +34,7 @@ ARRIVALS_TRACE = "AzureLLMInferenceTrace_code.csv"
 LENGTHS_TRACE = "AzureLLMInferenceTrace_conv.csv"
 BURST_WIDTH_S = 15.0  # trace seconds: the code trace's busiest 15 s run at ~12x its mean rate
 BURST_BEFORE_S = 5.0  # the demo's window: this much of the trace before the burst ...
-BURST_AFTER_S = 5.0  # ... and after it (the demo: five policies in under 10 minutes)
+BURST_AFTER_S = 5.0  # ... and after it (the demo: five policies in 8 min at time scale 3.3)
 # The speed probe fills the KV cache: the peak the rule bounds is made of requests served at
 # about that load (the probe's TPOT is still below a burst's, whose prefills interleave).
 PROBE_LOAD = 1.0
@@ -82,7 +82,8 @@ def add_scenario_args(p: argparse.ArgumentParser) -> None:
                    help="the burst's peak demand this fraction of capacity (if the average "
                         "allows)")
     r.add_argument("--compute-target", type=float, default=kv_demand.COMPUTE_TARGET,
-                   help="the busiest 15 s of arrivals at most this fraction of what the "
+                   help=f"the busiest {kv_demand.COMPUTE_WINDOW_S:g} s of arrivals at most "
+                        "this fraction of what the "
                         "instances compute (measured by the probe), so that the burst "
                         "exhausts memory, not the cores")
     r.add_argument("--capacity-tokens", type=int, default=None,
@@ -259,6 +260,7 @@ def describe(desc: dict) -> str:
                      f"{100 * demand['peak_fraction']:.0f}% of {demand['capacity_tokens']} "
                      f"tokens" + ("" if demand["burst_exceeds_capacity"]
                                   else " (the burst does not exceed capacity)")
-                     + (f"; the busiest 15 s need {100 * demand['compute_load']:.0f}% of the "
+                     + (f"; the busiest {kv_demand.COMPUTE_WINDOW_S:g} s need "
+                        f"{100 * demand['compute_load']:.0f}% of the "
                         "instances' compute" if demand.get("compute_load") is not None else ""))
     return "\n".join(lines)
