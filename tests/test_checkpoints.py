@@ -11,6 +11,7 @@ import torch
 
 from kunserve.worker.checkpoint import load_stage, load_stage_weights
 from kunserve.worker.engine import EngineConfig, LLMEngine
+from kunserve.worker.instance_memory import model_parameter_bytes
 from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.model_config import CheckpointError, ModelConfig
 from kunserve.worker.sampling_params import SamplingParams
@@ -118,6 +119,11 @@ def test_half_precision_runs(llama_dir, dtype):
     assert all(len(r.token_ids) == 16 for r in results)
     fp32 = LLMEngine(EngineConfig(model=llama_dir)).memory.parameter_bytes
     assert engine.memory.parameter_bytes == fp32 // 2
+    # a group member sizes its budget from the whole model counted on the meta device: in
+    # the same dtype as the loaded one (it used to count float32 whatever the dtype)
+    model = ModelConfig.from_dir(llama_dir)
+    assert model_parameter_bytes(model, dtype) == engine.memory.parameter_bytes
+    assert model_parameter_bytes(model, "float32") == fp32
 
 
 # -- bad checkpoints ------------------------------------------------------------------------

@@ -18,9 +18,9 @@ from kunserve.worker.model_config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    def __init__(self, size: int, eps: float, dtype: torch.dtype) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,16 +31,17 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size,
-                                  bias=config.qkv_bias)
-        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        h, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(h, eps, dtype)
+        self.qkv_proj = nn.Linear(h, config.q_size + 2 * config.kv_size, bias=config.qkv_bias,
+                                  dtype=dtype)
+        self.o_proj = nn.Linear(config.q_size, h, bias=False, dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(h, eps, dtype)
+        self.gate_up_proj = nn.Linear(h, 2 * config.intermediate_size, bias=False, dtype=dtype)
+        self.down_proj = nn.Linear(config.intermediate_size, h, bias=False, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -64,20 +65,28 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaStage(nn.Module):
-    """Layers ``[start, end)`` of a Llama-family model."""
+    """Layers ``[start, end)`` of a Llama-family model, its tensors of ``dtype``. Built on the
+    meta device, then given its tensors (``checkpoint.build_stage``)."""
 
     def __init__(self, config: ModelConfig, layers: LayerRange, dtype: torch.dtype) -> None:
         super().__init__()
         self.config = config
         self.layer_range = layers
-        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
+        # given a weight, the embedding skips its random init: on the meta device (where
+        # stages are built before their tensors are assigned) that init first imports
+        # torch's compiler stack, 1.5 s of every worker's start
+        self.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size,
+                                          _weight=torch.empty(config.vocab_size,
+                                                              config.hidden_size, dtype=dtype))
                              if layers.is_first else None)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(layers.size))
+        self.layers = nn.ModuleList(DecoderLayer(config, dtype) for _ in range(layers.size))
         if layers.is_last:
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim,
-                                      config.max_position_embeddings, dtype)
+            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False,
+                                     dtype=dtype)
+        # its tables are computed once the stage has tensors (``checkpoint.build_stage``): a
+        # stage on the meta device only tells shapes and never runs
+        self.rotary: RotaryEmbedding | None = None
 
     def forward(self, inputs: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
@@ -86,6 +95,7 @@ class LlamaStage(nn.Module):
         ``kv_caches[i]``: (k, v) cache views of this stage's i-th layer. Returns (N, H),
         normed when this is the last stage."""
         x = self.embed_tokens(inputs) if self.embed_tokens is not None else inputs  # (N, H)
+        assert self.rotary is not None, "a stage runs once build_stage gave it its tensors"
         rope = self.rotary.lookup(positions)
         for layer, kv in zip(self.layers, kv_caches, strict=True):
             x = layer(x, rope, kv, meta)
