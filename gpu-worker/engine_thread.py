@@ -38,7 +38,7 @@ from kunserve.worker.engine import LLMEngine, RequestOutput
 from kunserve.worker.load_writer import LoadReport
 from kunserve.worker.model.llama import LlamaStage
 from kunserve.worker.pipeline import reconfigure
-from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError, close_in_background
 from kunserve.worker.pipeline.stage_messages import BeginRestore
 from kunserve.worker.request import Request
 from kunserve.worker.sampling_params import SamplingParams
@@ -338,9 +338,7 @@ class EngineThread:
         try:
             moved = reconfigure.migrate(engine, command.link, command.blocks)
         finally:
-            command.link.close()
-            if command.layer_link is not None:
-                command.layer_link.close()
+            close_in_background(command.link, command.layer_link)
             await self._announce_moves(engine, before)
         return {"migrate": time.perf_counter() - start, "requests": float(moved)}
 

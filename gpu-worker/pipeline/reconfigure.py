@@ -54,7 +54,7 @@ from kunserve.worker.model_config import ModelConfig
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.pipeline.kv_transfer import MoveStats, move_kv
 from kunserve.worker.pipeline.leader_runner import LeaderRunner
-from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError, close_in_background
 from kunserve.worker.pipeline.stage_messages import (
     BeginRestore,
     DropHello,
@@ -301,7 +301,7 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
                                      {s.request_id: s.sampling_params for s in mine})
     engine.install(runner, solo)
     engine.adopt_requests(mine, {s.request_id: new_tables[s.request_id] for s in mine})
-    _close(membership)
+    close_in_background(membership.link, membership.layer_link)  # serve solo meanwhile
     membership.phases["restore_total"] = time.perf_counter() - start
 
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import threading
 from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -343,6 +344,16 @@ class Received:
         if self._inline is not None:
             return self._inline.view(dtype).view(shape)
         return self.link.recv_tensor(shape, dtype, self.src)
+
+
+def close_in_background(*links: StageLink | None) -> None:
+    """Close links nothing uses any more on a helper thread. Tearing a gloo group down waits
+    for its I/O loop to let go of every socket (13-21 ms per group measured here), which a
+    restore or a migration must not make every request wait for."""
+    open_links = [link for link in links if link is not None]
+    if open_links:
+        threading.Thread(target=lambda: [link.close() for link in open_links],
+                         name="stage-link-close", daemon=True).start()
 
 
 def frame_bytes_for(hidden_size: int, itemsize: int, tokens: int = 512) -> int:

@@ -13,9 +13,12 @@ a solo ``LLMEngine`` (default memory budget, ``--threads`` torch threads) servin
    (``reconfigure.drop``: ``Membership.phases`` handover, free, exchange and the bytes of
    ``Membership.kv_moved``);
 3. pipelined: the leader times its first ``step()`` after the drop, runs one more round, then
-   ``--steps`` × g timed steps (``--steps`` tokens per request), drains and restores
-   (``plan_restore``, ``restore``: phases restore_layers, restore_exchange, restore_total);
-   every member finishes its requests solo;
+   ``--steps`` × g timed steps (``--steps`` tokens per request); then it restores the way a
+   worker does: every member pulls the layers it dropped over the group's second link on a
+   helper thread (``pull_layers``, phase restore_layers) while the group goes on serving (up
+   to ``PULL_TOKENS`` tokens per request), then the leader drains and splits the group
+   (``plan_restore``, ``restore``: phases restore_exchange, restore_total); every member
+   finishes its requests solo;
 4. raw link: every member sends the same per-layer KV chunks to the same peers in the same order
    as the drop's exchange (the layout ``group_layout.drop_layout`` derives from the members'
    block tables at the drop; ``kv_transfer.exchange_order``), with plain ``torch.distributed``
@@ -41,6 +44,7 @@ import tempfile
 import time
 import traceback
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -52,6 +56,9 @@ HOST = "127.0.0.1"
 TIMEOUT_S = 120.0
 WARM_STEPS = 2
 RAW_ROUNDS = 3
+# tokens per request kept for serving while the layers are pulled back (the pull overlaps
+# with serving, as in a worker); when they run out the leader waits for the pull
+PULL_TOKENS = 16
 MEMBER_DEADLINE_S = 900.0
 
 
@@ -97,9 +104,11 @@ def run(args: argparse.Namespace) -> int:
     from kunserve.bench.engine import _build_default_model
 
     # per request: prefill, warm-up, the solo window; pipelined the window and up to two
-    # more (the first round, the drain); restored at least one (a request still streams)
-    if args.steps < 2 or args.output_len < 2 * args.steps + WARM_STEPS + 4:
-        raise ValueError(f"--output-len must be at least 2 x --steps + {WARM_STEPS + 4} "
+    # more (the first round, the drain) and the tokens served while the layers are pulled
+    # back; restored at least one (a request still streams)
+    least = WARM_STEPS + 4 + PULL_TOKENS
+    if args.steps < 2 or args.output_len < 2 * args.steps + least:
+        raise ValueError(f"--output-len must be at least 2 x --steps + {least} "
                          f"(got {args.output_len} and {args.steps})")
     results = []
     with tempfile.TemporaryDirectory(prefix="kunserve-bench-drop-") as tmp:
@@ -176,6 +185,7 @@ def summarize(spec: DropBenchSpec, num_layers: int, members: list[dict]) -> dict
         **asdict(spec), "num_layers": num_layers, "cpu_count": os.cpu_count(),
         "phases_s": phases, **exchange,
         "gap": _gaps(spec, members, times, exchange["all_in_s"]),
+        "pull": leader["pull"],
         "decode": _decode(spec, members, times),
         "kv_tokens": {"solo_per_instance": leader["solo_memory"]["blocks_total"] * block_size,
                       "group": leader["group_memory"]["blocks_total"] * block_size},
@@ -281,9 +291,10 @@ _ROWS = [("prepare", "prepare_at", "StageLink at the TCPStore (meet), before the
          ("KV exchange", "exchange", "pack, re-read the cache (grow), send/recv"),
          ("drop total", "total", "handover + free + exchange + stage runner"),
          ("first pipelined step (leader)", "first_step_s", "fill g micro-batches, collect one"),
-         ("restore: pull layers", "restore_layers", "every member gets the whole model"),
+         ("restore: pull layers", "restore_layers", "every member gets the whole model, "
+                                                    "while the group serves"),
          ("restore: KV exchange", "restore_exchange", "each request's KV to its member"),
-         ("restore total", "restore_total", "")]
+         ("restore total", "restore_total", "from the leader's drain to solo (not the pull)")]
 
 
 def _window(per_request: list[list[float]], start: float, end: float) -> tuple[int, list[float]]:
@@ -345,6 +356,8 @@ class _Member:
                                 TORCH_DTYPES[engine.config.dtype].itemsize)
         link = meet(HOST, self.port, "bench-group", 1, self.rank, spec.size,
                     timeout_s=TIMEOUT_S, bind_host=HOST, frame_bytes=frame)
+        layer_link = meet(HOST, self.port, "bench-group/layers", 1, self.rank, spec.size,
+                          timeout_s=TIMEOUT_S, bind_host=HOST)  # for pulling layers back
         report["prepare_at"] = (start, time.time())
         report["solo_memory"] = engine.memory_report()
         report["requests"] = list(prompts)
@@ -365,17 +378,21 @@ class _Member:
 
         tables = {rid: engine.block_manager.block_table(rid) for rid in engine.scheduler.requests}
         self.store.set(f"tables/{self.rank}", json.dumps(tables))
-        membership = reconfigure.drop(engine, link, "bench-group")
+        membership = reconfigure.drop(engine, link, "bench-group", layer_link)
         report["group_memory"] = engine.memory_report()
         report["kv_moved"] = asdict(membership.kv_moved)
-        if link.is_leader:
-            self.lead(engine)
-            begin = reconfigure.plan_restore(engine, membership)
-        else:
-            begin = membership.stage_runner.run()
-            if begin is None:
-                raise RuntimeError("the leader ended the epoch instead of restoring")
-        reconfigure.restore(engine, membership, begin)
+        with ThreadPoolExecutor(1) as helper:  # pulls the layers back while the group serves
+            if link.is_leader:
+                self.lead(engine)
+                stage = self.serve_while_pulling(engine, membership, helper)
+                begin = reconfigure.plan_restore(engine, membership)
+            else:
+                pulled = helper.submit(_pull_when_ordered, engine, membership)
+                begin = membership.stage_runner.run()
+                if begin is None:
+                    raise RuntimeError("the leader ended the epoch instead of restoring")
+                stage = pulled.result(timeout=TIMEOUT_S)
+        reconfigure.restore(engine, membership, begin, stage)
         report["phases"] = dict(membership.phases)
         while engine.has_unfinished():
             self.take("restored", engine.step())
@@ -388,7 +405,7 @@ class _Member:
         reaches every member between two of its steps); step no further when the requests
         would not have enough tokens left for the pipelined window and the restore."""
         self.store.add("window-done", 1)
-        keep = self.spec.steps + 3
+        keep = self.spec.steps + 3 + PULL_TOKENS
         while self.store.add("window-done", 0) < self.spec.size:
             if min(self.spec.output_len - len(self.tokens[r]) for r in prompts) > keep:
                 self.take("solo", engine.step())
@@ -396,7 +413,7 @@ class _Member:
                 time.sleep(0.0005)
 
     def lead(self, engine) -> None:
-        """The leader after the drop: the first step, one round, the timed window, drain."""
+        """The leader after the drop: the first step, one round, the timed window."""
         start = time.perf_counter()
         window_start = self.take("group", engine.step())
         self.report["first_step_s"] = time.perf_counter() - start
@@ -405,7 +422,30 @@ class _Member:
         for _ in range(self.spec.steps * self.spec.size):
             window_end = self.take("group", engine.step())
         self.report["group_window"] = (window_start, window_end)
+
+    def serve_while_pulling(self, engine, membership, helper: ThreadPoolExecutor):
+        """Order the layer pull and serve until it is done, as a worker's restore does; step
+        only while every request keeps 2 tokens for the drain and the restore (then wait).
+        Drains the group; returns the whole model."""
+        from kunserve.worker.pipeline import reconfigure
+
+        reconfigure.order_layer_pull(membership)
+        pulled = helper.submit(reconfigure.pull_layers, engine, membership)
+        steps, waited, start = 0, 0.0, time.perf_counter()
+        while not pulled.done():
+            requests = engine.scheduler.requests.values()
+            if min(r.sampling_params.max_tokens - r.num_output_tokens for r in requests) > 2:
+                self.take("group", engine.step())
+                steps += 1
+            else:
+                waited -= time.perf_counter()
+                pulled.exception(timeout=TIMEOUT_S)
+                waited += time.perf_counter()
+        stage = pulled.result()
+        self.report["pull"] = {"seconds": time.perf_counter() - start, "steps": steps,
+                               "waited_s": waited}
         self.take("group", engine.drain())
+        return stage
 
     def raw_link(self, engine) -> dict:
         """Send this member's chunks of the drop's KV exchange again with plain
@@ -447,6 +487,14 @@ class _Member:
             dist.destroy_process_group()
         return {"bytes_sent": sum(t.nbytes for _, t in sends), "seconds": seconds,
                 "cpu_seconds": cpu_seconds}
+
+
+def _pull_when_ordered(engine, membership):
+    """A member's helper thread: wait for the leader's order, pull the layers back."""
+    from kunserve.worker.pipeline import reconfigure
+
+    reconfigure.await_layer_pull_order(membership)
+    return reconfigure.pull_layers(engine, membership)
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -494,8 +542,11 @@ def _print_table(r: dict) -> None:
           f"{1e3 * worst['bound_s']:.1f} ms; within the bound: {gap['within_bound']} of "
           f"{gap['requests']} requests  (solo step, slowest member: {step:.1f} ms; exchange "
           f"{1e3 * gap['exchange_s']:.1f} ms)")
+    pull = r["pull"]
     print(f"longest inter-token gap across the restore: {1e3 * gap['worst_restore_gap_s']:.1f}"
-          " ms")
+          f" ms  (the layer pull overlapped {pull['steps']} pipelined steps in "
+          f"{1e3 * pull['seconds']:.1f} ms; the leader waited {1e3 * pull['waited_s']:.1f} ms "
+          "for it with no tokens left to serve)")
 
     d = r["decode"]
     print(f"\n{'decode, same requests':<34} {'tok/s':>8} {'mean ITL ms':>12} {'tokens':>7} "
