@@ -41,15 +41,43 @@ class KVCache:
         if capacity < num_blocks * geometry.block_bytes:
             raise ValueError("the reserved range is smaller than the initial blocks")
         self._device_range = None
+        self._mmap: mmap.mmap | None = None  # the CPU storage's anonymous mapping
         device = torch.device(device)
         if device.type == "cuda" and cuda_vmm.available():
             self._device_range = cuda_vmm.GrowableDeviceRange(capacity, device)
             self._device_range.grow(num_blocks * geometry.block_bytes)
             self.storage = self._device_range.bytes[: capacity - capacity % dtype.itemsize
                                                     ].view(dtype)
+        elif device.type == "cpu":  # zero pages, committed on first write
+            self._mmap = mmap.mmap(-1, max(1, capacity - capacity % dtype.itemsize),
+                                   flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            self.storage = torch.frombuffer(self._mmap, dtype=dtype,
+                                            count=capacity // dtype.itemsize)
         else:
-            self.storage = _zeroed_storage(capacity // dtype.itemsize, dtype, device)
+            self.storage = torch.zeros(capacity // dtype.itemsize, dtype=dtype, device=device)
         self._layers = self._layer_views()
+
+    def populate(self, start: int, end: int) -> bool:
+        """Commit the pages of bytes ``[start, end)`` now, leaving their contents as they are
+        (safe while blocks there are read and written), so that later first writes pay no
+        page fault. CPU only, Linux 5.14+ (MADV_POPULATE_WRITE); False where unavailable."""
+        region = self._mmap
+        start, end = _pages(start, end)
+        if region is None or end <= start:
+            return False
+        try:
+            region.madvise(_MADV_POPULATE_WRITE, start, end - start)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def release(self, start: int) -> None:
+        """Give the pages past byte ``start`` back to the kernel (CPU; they read as zeros
+        again): the blocks of a thinner geometry that a restore leaves unused."""
+        region = self._mmap
+        start, end = _pages(start, self.storage.nbytes)
+        if region is not None and end > start:
+            region.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def reshape(self, geometry: KVGeometry, num_blocks: int, layer_start: int = 0) -> None:
         """Re-read the storage as ``num_blocks`` blocks of ``geometry`` without copying.
@@ -97,6 +125,27 @@ class KVCache:
         """Per held layer, (k, v) views of shape (num_blocks, block_size, kv_heads, hd)."""
         return self._layers
 
+    def spare_regions(self, used: set[int], keep_bytes: int) -> list[torch.Tensor]:
+        """Flat uint8 tensors over the runs of free blocks (not in ``used``) that lie wholly
+        past the first ``keep_bytes`` of the range: scratch memory for a move that ends with
+        the range re-read as blocks within those first bytes (a restore), once ``populate``
+        committed their pages.
+        CPU only (on CUDA there are no page faults to save: no regions)."""
+        if self._mmap is None:
+            return []
+        block = self.geometry.block_bytes
+        # a second tensor over the mapping: copies between a cache view and these regions
+        # would otherwise be refused as overlapping (one storage), though no element does
+        flat = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        regions, run = [], None  # run: [first, end) of the current run of free blocks
+        for b in range(-(-keep_bytes // block), self.num_blocks + 1):
+            if b < self.num_blocks and b not in used:
+                run = [run[0] if run else b, b + 1]
+            elif run:
+                regions.append(flat[run[0] * block:run[1] * block])
+                run = None
+        return regions
+
     @property
     def capacity_bytes(self) -> int:
         """The reserved range: what ``reshape`` may grow into."""
@@ -108,8 +157,10 @@ class KVCache:
         return self.num_blocks * self.geometry.block_bytes
 
 
-def _zeroed_storage(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    if device.type != "cpu":
-        return torch.zeros(numel, dtype=dtype, device=device)
-    region = mmap.mmap(-1, max(1, numel * dtype.itemsize))  # zero pages, committed on write
-    return torch.frombuffer(region, dtype=dtype, count=numel)
+_MADV_POPULATE_WRITE = 23  # linux/mman.h; Python's mmap module does not name it
+
+
+def _pages(start: int, end: int) -> tuple[int, int]:
+    """``[start, end)`` shrunk to whole pages."""
+    page = mmap.PAGESIZE
+    return -(-start // page) * page, end // page * page

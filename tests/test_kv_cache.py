@@ -57,3 +57,30 @@ def test_reshape_beyond_the_reserved_range_is_refused():
     cache = KVCache(GEOMETRY, 2, torch.float32)
     with pytest.raises(ValueError, match="do not fit"):
         cache.reshape(GEOMETRY, 3)
+
+
+def test_spare_regions_populate_and_release_leave_the_blocks_in_use_alone():
+    """What a restore stages its KV exchange in: the runs of free blocks wholly past the bytes
+    the solo blocks will take; committing them keeps every byte, releasing the tail zeroes
+    only the tail."""
+    geometry = KVGeometry(layers_held=4, block_size=16, num_kv_heads=2, head_dim=64,
+                          dtype_bytes=4)  # 64 KiB blocks: whole pages
+    block = geometry.block_bytes
+    cache = KVCache(geometry, 8, torch.float32)
+    fill(cache)
+    keep = 3 * block
+    base = cache.storage.data_ptr()
+
+    def runs(regions):
+        return [((r.data_ptr() - base) // block, r.numel() // block) for r in regions]
+
+    assert runs(cache.spare_regions({4, 6}, keep)) == [(3, 1), (5, 1), (7, 1)]
+    assert runs(cache.spare_regions(set(), keep - 1)) == [(3, 5)]  # block 2 is partly kept
+    assert runs(cache.spare_regions(set(range(8)), 0)) == []
+    before = cache.storage.clone()
+    cache.populate(keep, cache.capacity_bytes)  # False on kernels before 5.14: nothing done
+    assert torch.equal(cache.storage, before)
+    cache.release(keep)
+    head = keep // 4  # float32 elements
+    assert torch.equal(cache.storage[:head], before[:head])
+    assert float(cache.storage[head:].abs().sum()) == 0

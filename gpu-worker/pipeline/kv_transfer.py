@@ -71,8 +71,9 @@ def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPi
             staging: list[torch.Tensor] | None = None) -> MoveStats:
     """Apply ``pieces`` on member ``rank`` and leave ``cache`` re-read as ``num_blocks``
     blocks of ``geometry`` starting at model layer ``layer_start``. ``staging``: memory the
-    packed and received slices may use (a drop passes the parameters it is freeing:
-    already-touched pages, where fresh buffers would pay a page fault per page)."""
+    packed and received slices may use, already-touched pages where fresh buffers would pay a
+    page fault per page (a drop passes the parameters it is freeing, a restore the free
+    blocks past what the solo geometry uses); none of it may overlap a block being moved."""
     start, cpu_start = time.perf_counter(), time.process_time()
     stats = MoveStats()
     buffers = _Staging(staging or [])
@@ -195,14 +196,10 @@ class _Receives:
 
 
 class _Staging:
-    """Hands out tensors carved from a list of flat byte buffers, first fit, never reused.
-    Only memory torch's allocator owns (a resizable storage; the checkpoint loader copies
-    every tensor out of its file): the first write to a private mapping of a file is a
-    copy-on-write fault (~30x a plain write here, slower than fresh memory)."""
+    """Hands out tensors carved from a list of flat byte buffers, first fit, never reused."""
 
     def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self._free = [t.reshape(-1).view(torch.uint8) for t in tensors
-                      if t.is_contiguous() and t.untyped_storage().resizable()]
+        self._free = [t.reshape(-1).view(torch.uint8) for t in tensors if t.is_contiguous()]
 
     def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
         nbytes = dtype.itemsize

@@ -59,6 +59,7 @@ from kunserve.worker.pipeline.stage_messages import (
     BeginRestore,
     DropHello,
     DropWelcome,
+    LayersPulled,
     MigrateAnswer,
     MigrateOffer,
     PullLayers,
@@ -127,10 +128,14 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         raise
     layout = drop_layout(model.num_layers, welcome.tables, welcome.capacities)
     phases = {"handover": time.perf_counter() - start}
-    # the tensors of the layers this member no longer holds stage the KV it sends, then go
+    # the tensors of the layers this member no longer holds stage the KV it sends, then go;
+    # only memory torch's allocator owns (the checkpoint loader copies every tensor out of
+    # its file): the first write to a private mapping of a file is a copy-on-write fault
+    # (~30x a plain write here, slower than fresh memory)
     kept = {t.untyped_storage().data_ptr() for t in stage.state_dict().values()}
     staging = [p.data for p in engine.stages[0].parameters()
-               if p.untyped_storage().data_ptr() not in kept]  # tied weights stay untouched
+               if p.untyped_storage().data_ptr() not in kept  # tied weights stay untouched
+               and p.untyped_storage().resizable()]
     # free: from here on only ``staging`` refers to the layers this member no longer holds
     engine.stages, solo_runner = [stage], None
     engine.runner = None  # type: ignore[assignment]  # the old runner held the whole model
@@ -244,7 +249,9 @@ def await_layer_pull_order(membership: Membership) -> None:
 def pull_layers(engine: LLMEngine, membership: Membership) -> LlamaStage:
     """The whole model again, from this member's layers and its peers' (collective over the
     layer link; blocking: run it on a helper thread while the group serves). When a peer
-    fails, from the checkpoint on disk."""
+    fails, from the checkpoint on disk. On the leader it returns once every member has
+    reported its layers in place, so the group stops serving only to move the KV (not to
+    wait for a slower member's pull)."""
     start = time.perf_counter()
     model, config = engine.model_config, engine.config
     link = membership.layer_link or membership.link
@@ -255,6 +262,19 @@ def pull_layers(engine: LLMEngine, membership: Membership) -> LlamaStage:
                        exc)
         stage = load_stage(config.model, LayerRange.full(model.num_layers), config.dtype)
     membership.phases["restore_layers"] = time.perf_counter() - start
+    # the restore stages its KV exchange past the solo blocks: commit those pages now, while
+    # the group still serves, not in the middle of the exchange
+    cache = engine.kv_caches[0]
+    cache.populate(_solo_kv_bytes(engine, membership), cache.capacity_bytes)
+    try:
+        if link.is_leader:
+            for rank in range(1, link.size):
+                link.recv_message(LayersPulled, rank)
+        else:
+            link.send_message(LayersPulled(), 0)
+            link.flush()
+    except StageLinkError as exc:  # the restore itself will find the group broken
+        logger.warning("a member's layer pull was not confirmed: %s", exc)
     return stage
 
 
@@ -283,9 +303,15 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
         new_tables = solo_tables(group_tables, begin.assignment)
         pieces = restore_pieces(model.num_layers, link.size, group_tables, begin.assignment,
                                 new_tables)
-        solo = membership.solo_memory
-        moved = move_kv(engine.kv_caches[0], link, rank, pieces,
-                        kv_geometry(config, model, model.num_layers), solo.num_blocks, 0)
+        solo, cache = membership.solo_memory, engine.kv_caches[0]
+        # the packed and received slices go to the free blocks past the solo blocks' bytes,
+        # committed by ``pull_layers`` (fresh buffers' page faults made a 4-member restore's
+        # exchange 4-7x slower here); the solo cache then gives those pages back
+        used = {b for table in group_tables.values() for b in table}
+        solo_bytes = _solo_kv_bytes(engine, membership)
+        moved = move_kv(cache, link, rank, pieces, kv_geometry(config, model, model.num_layers),
+                        solo.num_blocks, 0, cache.spare_regions(used, solo_bytes))
+        cache.release(solo_bytes)
         membership.phases["restore_exchange"] = moved.seconds
         generators = _return_generators(membership, begin)
         _commit_restore(link)
@@ -303,6 +329,12 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
     engine.adopt_requests(mine, {s.request_id: new_tables[s.request_id] for s in mine})
     close_in_background(membership.link, membership.layer_link)  # serve solo meanwhile
     membership.phases["restore_total"] = time.perf_counter() - start
+
+
+def _solo_kv_bytes(engine: LLMEngine, membership: Membership) -> int:
+    """Bytes of the KV range the solo blocks take once the group is restored."""
+    geometry = kv_geometry(engine.config, engine.model_config, engine.model_config.num_layers)
+    return membership.solo_memory.num_blocks * geometry.block_bytes
 
 
 def _commit_restore(link: StageLink) -> None:

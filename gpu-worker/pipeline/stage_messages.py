@@ -28,6 +28,8 @@ Restoring (the group splits back into solo instances)::
 
     0 -> r          PullLayers      on the epoch's second link, while the group serves: then
     all <-> all     parameters      each rank's tensors to every other rank, name order
+    r -> 0          LayersPulled    member r has the whole model (the leader waits for every
+                                    member before it stops serving)
     r -> r+1        BeginRestore    which member each request goes to (forwarded down the chain)
     then KV slices, then
     last -> r       RestoredGenerators  the seeded streams of the requests member r takes
@@ -107,6 +109,10 @@ class DropWelcome(msgspec.Struct, tag=True, kw_only=True):
 
 class PullLayers(msgspec.Struct, tag=True, kw_only=True):
     """On the layer link: start pulling the dropped layers back (while the group serves)."""
+
+
+class LayersPulled(msgspec.Struct, tag=True, kw_only=True):
+    """On the layer link: this member has the whole model again."""
 
 
 class BeginRestore(msgspec.Struct, tag=True, kw_only=True):
