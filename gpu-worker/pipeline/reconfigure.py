@@ -14,10 +14,11 @@ the seeded generators of every request.
 
 ``restore``: first every member pulls the layers it dropped from the peers that hold them
 (``pull_layers``, over the epoch's second link, on a helper thread while the group keeps
-serving; from the checkpoint if a peer fails). Then the leader stops serving, picks a member
+serving; from the checkpoint if a peer fails), commits the pages of its KV range past the solo
+blocks and tells the leader (``LayersPulled``). Then the leader stops serving, picks a member
 for each request (``assign_requests``; it refuses when the group's KV does not fit the solo
 instances), tells the chain (``BeginRestore``), the KV of each request is gathered on its
-member, and every member serves solo with its requests.
+member (staged in those committed pages), and every member serves solo with its requests.
 
 ``fall_back``: the group broke (a peer died or hung). Whoever survives reloads the model from
 the checkpoint and serves solo; the leader's requests go back to waiting and are recomputed from
