@@ -282,6 +282,9 @@ class WorkerServer:
                       await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort),
                       await self.nc.subscribe(Subjects.control(self.instance_id),
                                               cb=self._on_control)]
+        # the server has the subscriptions once it answers a ping: a request published on
+        # another connection right after the start is not lost
+        await self.nc.flush()
         self._accepting = True
         try:
             await asyncio.wait_for(self._load_written.wait(), timeout=10)

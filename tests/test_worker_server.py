@@ -273,5 +273,5 @@ async def test_sigterm_drains_in_flight_requests_and_exits_zero(spawn_workers, n
 def test_a_bad_checkpoint_exits_2_with_the_reason(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kunserve.worker", "--model",
                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2
-    assert "does not exist" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode == 2, out.stderr
+    assert "does not exist" in out.stderr and "Traceback" not in out.stderr, out.stderr
