@@ -176,7 +176,10 @@ class EngineThread:
 
     def stop(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
-            self._loop.call_soon_threadsafe(self._inbox.put_nowait, None)
+            try:
+                self._loop.call_soon_threadsafe(self._inbox.put_nowait, None)
+            except RuntimeError:  # the loop closed meanwhile (a failed start): it is ending
+                pass
             self._thread.join(timeout)
 
     def _run(self) -> None:
