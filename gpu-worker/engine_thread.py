@@ -383,8 +383,7 @@ class EngineThread:
                                  membership: reconfigure.Membership) -> LlamaStage | None:
         if membership.layer_link is None:
             return None
-        await asyncio.to_thread(reconfigure.await_layer_pull_order, membership)
-        return await asyncio.to_thread(reconfigure.pull_layers, engine, membership)
+        return await asyncio.to_thread(reconfigure.pull_layers_when_ordered, engine, membership)
 
     async def _restore(self, engine: LLMEngine) -> dict:
         """Leader: pull the layers back while the group serves (the steps go on around this

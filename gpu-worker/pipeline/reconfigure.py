@@ -247,6 +247,13 @@ def await_layer_pull_order(membership: Membership) -> None:
     membership.layer_link.recv_message(PullLayers, 0, idle=True)
 
 
+def pull_layers_when_ordered(engine: LLMEngine, membership: Membership) -> LlamaStage:
+    """Member, on a helper thread while its stage serves: wait for the leader's order, then
+    ``pull_layers``."""
+    await_layer_pull_order(membership)
+    return pull_layers(engine, membership)
+
+
 def pull_layers(engine: LLMEngine, membership: Membership) -> LlamaStage:
     """The whole model again, from this member's layers and its peers' (collective over the
     layer link; blocking: run it on a helper thread while the group serves). When a peer
@@ -306,8 +313,9 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
                                 new_tables)
         solo, cache = membership.solo_memory, engine.kv_caches[0]
         # the packed and received slices go to the free blocks past the solo blocks' bytes,
-        # committed by ``pull_layers`` (fresh buffers' page faults made a 4-member restore's
-        # exchange 4-7x slower here); the solo cache then gives those pages back
+        # committed by ``pull_layers`` (into fresh buffers, page faults made a 4-member
+        # restore's exchange take 210-450 ms here, 45-93 ms staged); the solo cache then gives
+        # those pages back
         used = {b for table in group_tables.values() for b in table}
         solo_bytes = _solo_kv_bytes(engine, membership)
         moved = move_kv(cache, link, rank, pieces, kv_geometry(config, model, model.num_layers),

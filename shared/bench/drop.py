@@ -387,7 +387,7 @@ class _Member:
                 stage = self.serve_while_pulling(engine, membership, helper)
                 begin = reconfigure.plan_restore(engine, membership)
             else:
-                pulled = helper.submit(_pull_when_ordered, engine, membership)
+                pulled = helper.submit(reconfigure.pull_layers_when_ordered, engine, membership)
                 begin = membership.stage_runner.run()
                 if begin is None:
                     raise RuntimeError("the leader ended the epoch instead of restoring")
@@ -487,14 +487,6 @@ class _Member:
             dist.destroy_process_group()
         return {"bytes_sent": sum(t.nbytes for _, t in sends), "seconds": seconds,
                 "cpu_seconds": cpu_seconds}
-
-
-def _pull_when_ordered(engine, membership):
-    """A member's helper thread: wait for the leader's order, pull the layers back."""
-    from kunserve.worker.pipeline import reconfigure
-
-    reconfigure.await_layer_pull_order(membership)
-    return reconfigure.pull_layers(engine, membership)
 
 
 # -- the table ---------------------------------------------------------------------------------
