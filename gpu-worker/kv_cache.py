@@ -129,8 +129,7 @@ class KVCache:
         """Flat uint8 tensors over the runs of free blocks (not in ``used``) that lie wholly
         past the first ``keep_bytes`` of the range: scratch memory for a move that ends with
         the range re-read as blocks within those first bytes (a restore), once ``populate``
-        committed their pages.
-        CPU only (on CUDA there are no page faults to save: no regions)."""
+        committed their pages. CPU only (on CUDA there are no page faults to save)."""
         if self._mmap is None:
             return []
         block = self.geometry.block_bytes

@@ -314,7 +314,7 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
         solo, cache = membership.solo_memory, engine.kv_caches[0]
         # the packed and received slices go to the free blocks past the solo blocks' bytes,
         # committed by ``pull_layers`` (into fresh buffers, page faults made a 4-member
-        # restore's exchange take 210-450 ms here, 45-93 ms staged); the solo cache then gives
+        # restore's exchange take 210-450 ms here, 47-93 ms staged); the solo cache then gives
         # those pages back
         used = {b for table in group_tables.values() for b in table}
         solo_bytes = _solo_kv_bytes(engine, membership)

@@ -437,10 +437,10 @@ class _Member:
             if min(r.sampling_params.max_tokens - r.num_output_tokens for r in requests) > 2:
                 self.take("group", engine.step())
                 steps += 1
-            else:
-                waited -= time.perf_counter()
+            else:  # no token left to serve: wait for the pull
+                before = time.perf_counter()
                 pulled.exception(timeout=TIMEOUT_S)
-                waited += time.perf_counter()
+                waited += time.perf_counter() - before
         stage = pulled.result()
         self.report["pull"] = {"seconds": time.perf_counter() - start, "steps": steps,
                                "waited_s": waited}
