@@ -137,7 +137,10 @@ class ClusterCollector(Collector):
         for name, what, ok, failed in (("kunserve:drops", "Drops (groups formed), automatic and "
                                         "admin, by outcome.", p.drops_ok, p.drops_failed),
                                        ("kunserve:restores", "Restores, automatic and admin, by "
-                                        "outcome.", p.restores_ok, p.restores_failed)):
+                                        "outcome.", p.restores_ok, p.restores_failed),
+                                       ("kunserve:migrations", "Live migrations of running "
+                                        "requests (the llumnix policy), by outcome.",
+                                        p.migrations_ok, p.migrations_failed)):
             counter = CounterMetricFamily(name, what, labels=["outcome"])
             counter.add_metric(["ok"], ok)
             counter.add_metric(["failed"], failed)

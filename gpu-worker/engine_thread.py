@@ -12,7 +12,9 @@ give-back became a thread switch (measured on the tiny model: decode steps ~0.3 
 100 us of the loop's work, and every token waited for the loop's thread to wake up).
 
 Reconfiguration (``GroupCommand``) also runs here, between two steps: joining a pipeline group
-(``reconfigure.drop``), restoring it, and falling back to solo when the group breaks. The
+(``reconfigure.drop``), restoring it, falling back to solo when the group breaks, and the
+llumnix policy's live migrations (``migration.py``: a task whose link waits run on a helper
+thread, so the steps go on while the KV moves). The
 leader of a group keeps this loop (its engine's runner is the pipeline's); another member runs
 its stage on a helper thread (``_serve_stage``) while this loop idles, reporting its load, until
 the leader starts a restore or the group breaks. Requests that move tell the outlet
@@ -38,6 +40,7 @@ from kunserve.worker.engine import LLMEngine, RequestOutput
 from kunserve.worker.load_writer import LoadReport
 from kunserve.worker.model.llama import LlamaStage
 from kunserve.worker.pipeline import reconfigure
+from kunserve.worker.pipeline.migration import MigrationDestination, MigrationSource
 from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError, close_in_background
 from kunserve.worker.pipeline.stage_messages import BeginRestore
 from kunserve.worker.request import Request
@@ -159,6 +162,7 @@ class EngineThread:
         self._membership: reconfigure.Membership | None = None
         self._stage_task: asyncio.Task | None = None  # a follower's stage loop
         self._restoring: asyncio.Task | None = None  # a leader's restore
+        self._migrations: set[asyncio.Task] = set()  # live migrations (the llumnix policy)
         self._hold_steps = False
 
     def start(self) -> Future:
@@ -288,10 +292,13 @@ class EngineThread:
             else:
                 self._restoring = asyncio.create_task(self._run_restore(engine, command))
             return
+        if command.kind == "migrate":  # runs beside the steps: the copy overlaps them
+            self._migrations.add(asyncio.create_task(self._migrate(engine, command)))
+            return
         try:
-            if command.kind == "migrate":
-                phases = await self._migrate(engine, command)
-            elif command.kind == "join":
+            if self._migrations:
+                raise ValueError("a migration is under way")
+            if command.kind == "join":
                 phases = await self._join(engine, command.link, command.group_id,
                                           command.layer_link)
             else:
@@ -331,19 +338,42 @@ class EngineThread:
             self._stage_task = asyncio.create_task(self._serve_stage(engine, membership))
         return membership.phases
 
-    async def _migrate(self, engine: LLMEngine, command: GroupCommand) -> dict:
+    async def _migrate(self, engine: LLMEngine, command: GroupCommand) -> None:
         """The llumnix policy: hand running requests (with their KV) to, or take them from,
-        the other member of ``command.link``; serves solo throughout."""
-        if self._membership is not None:
-            raise ValueError(f"in group {self.role.group_id}: not migrating")
-        start = time.perf_counter()
-        before = set(engine.scheduler.requests)
+        the other member of ``command.link`` (``migration.py``), serving throughout: link
+        I/O waits on a helper thread, the engine is touched only here, between two steps."""
+        link = command.link
+        assert link is not None
+        migration: MigrationSource | MigrationDestination | None = None
         try:
-            moved = reconfigure.migrate(engine, command.link, command.blocks)
+            if self._membership is not None:
+                raise ValueError(f"in group {self.role.group_id}: not migrating")
+            migration = (MigrationSource(engine, link, command.blocks) if link.rank == 0
+                         else MigrationDestination(engine, link))
+            while not migration.done:
+                await asyncio.to_thread(migration.wait)
+                migration.advance(engine)
+        except Exception as exc:  # reported to whoever commanded it; the worker serves on
+            if migration is not None:
+                migration.abort(engine)
+            logger.warning("migration failed: %s", exc)
+            command.done.set_exception(exc)
+        else:
+            command.done.set_result(migration.stats.phases())
         finally:
-            close_in_background(command.link, command.layer_link)
-            await self._announce_moves(engine, before)
-        return {"migrate": time.perf_counter() - start, "requests": float(moved)}
+            close_in_background(link, command.layer_link)
+            self._migrations.discard(asyncio.current_task())
+            self._dirty = True
+        if migration is not None and migration.moved:
+            if link.rank == 0:
+                await self._outlet.emit(HandedOff(sorted(migration.moved)))
+            else:  # announced before any step can emit their tokens
+                self._hold_steps = True
+                try:
+                    for rid in migration.moved:
+                        await self._outlet.emit(_adopted(engine.scheduler.requests[rid]))
+                finally:
+                    self._hold_steps = False
 
     async def _announce_moves(self, engine: LLMEngine, before: set[str]) -> None:
         """Tell the outlet which requests left and which arrived since ``before``."""

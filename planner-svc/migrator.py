@@ -1,6 +1,7 @@
 """The ``llumnix`` baseline's planner: migrate running requests from the instance short of KV
 to the one with room (``migration_policy.py``), one migration at a time, through the
-coordinator (a 2-member link; the topology does not change).
+coordinator (a 2-member link; the topology does not change), each one recorded as every
+reconfiguration is (a span, a ledger row, ``kunserve:migrations_total``).
 
 It has the automatic planner's surface (``start``, ``observe``, ``close``), so the service
 drives either. After each migration it waits ``interval_s``, so the loads it decides on next
@@ -16,15 +17,18 @@ from collections.abc import Callable, Mapping
 from kunserve.planner.background_task import OneTaskAtATime
 from kunserve.planner.migration_policy import Migration, decide_migration
 from kunserve.planner.reconfiguration_coordinator import ReconfigurationCoordinator
+from kunserve.planner.reconfiguration_recorder import ReconfigurationRecorder
 from kunserve.protocol import InstanceLoad, Topology
 
 logger = logging.getLogger(__name__)
 
 
 class Migrator(OneTaskAtATime):
-    def __init__(self, coordinator: ReconfigurationCoordinator, interval_s: float = 0.5,
+    def __init__(self, coordinator: ReconfigurationCoordinator,
+                 recorder: ReconfigurationRecorder | None = None, interval_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.coordinator = coordinator
+        self.recorder = recorder
         self.interval_s = interval_s
         self.clock = clock
         self.migrations = 0  # succeeded so far
@@ -40,8 +44,12 @@ class Migrator(OneTaskAtATime):
 
     async def _migrate(self, migration: Migration) -> None:
         try:
-            reply = await self.coordinator.migrate(migration.source, migration.destination,
-                                                   migration.blocks)
+            def run():
+                return self.coordinator.migrate(migration.source, migration.destination,
+                                                migration.blocks)
+            reply = await (run() if self.recorder is None else self.recorder.recorded(
+                "migration", "auto", run, members=[migration.source, migration.destination],
+                figures={"blocks": migration.blocks}))
         except Exception:  # a bug: log it, keep balancing
             logger.exception("migration failed")
             reply = None

@@ -177,7 +177,7 @@ async def serve(settings: PlannerSettings, stop: asyncio.Event) -> None:
     if policy.static_pairs:
         auto = StaticPairs(coordinator, recorder)
     elif policy.migrate:
-        auto = Migrator(coordinator)
+        auto = Migrator(coordinator, recorder)
     elif policy.auto_drop and settings.auto_drop:
         auto = AutoPlanner(AutoPolicy(settings.auto_settings(), num_layers), coordinator,
                            recorder, redis)

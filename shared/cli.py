@@ -131,6 +131,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     from kunserve.bench import drop as drop_bench
     from kunserve.bench import engine as engine_bench
     from kunserve.bench import mesh as mesh_bench
+    from kunserve.bench import migrate as migrate_bench
     from kunserve.bench import pipeline as pipeline_bench
     from kunserve.bench import plan as plan_bench
     from kunserve.bench import replay as replay_bench
@@ -138,6 +139,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     drop_bench.add_parser(bench)
     engine_bench.add_parser(bench)
     mesh_bench.add_parser(bench)
+    migrate_bench.add_parser(bench)
     pipeline_bench.add_parser(bench)
     plan_bench.add_parser(bench)
     replay_bench.add_parser(bench)  # bench run

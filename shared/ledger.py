@@ -15,8 +15,9 @@ Any SQLAlchemy async URL works; SQLite (``aiosqlite``) and PostgreSQL (``asyncpg
 Where its job ends: it stores what it is told. It does not decide request status (the gateway
 does) and it is not read on the request path; ``get`` is for admin and tests.
 
-The ``plans`` table (``PlanRecord``) holds one row per drop or restore the planner ran, written
-by ``PlanLedger``: a handful of rows per burst, so each is one awaited INSERT, no batching.
+The ``plans`` table (``PlanRecord``) holds one row per drop, restore or (the llumnix policy)
+migration the planner ran, written by ``PlanLedger``: a handful of rows per burst, so each is
+one awaited INSERT, no batching.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class PlanRecord(LedgerBase):
     plan_id: Mapped[str] = mapped_column(String(64), index=True)
     epoch: Mapped[int] = mapped_column(Integer, index=True)  # the topology's after it
     time: Mapped[float] = mapped_column(Double, index=True)  # wall clock at its start, seconds
-    action: Mapped[str] = mapped_column(String(16))  # drop | restore
+    action: Mapped[str] = mapped_column(String(16))  # drop | restore | migration
     trigger: Mapped[str] = mapped_column(String(16))  # auto | admin
     group_id: Mapped[str] = mapped_column(String(128), default="")
     members: Mapped[list] = mapped_column(JSON, default=list)

@@ -154,13 +154,15 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
 
 class PlannerStats(msgspec.Struct, kw_only=True):
     """The planner's counters (``RedisKeys.PLANNER_STATS``), exported by the gateway's
-    ``/metrics`` as ``kunserve:drops_total``, ``kunserve:restores_total`` and
-    ``kunserve:plan_seconds``."""
+    ``/metrics`` as ``kunserve:drops_total``, ``kunserve:restores_total``,
+    ``kunserve:migrations_total`` and ``kunserve:plan_seconds``."""
 
     drops_ok: int = 0  # groups formed (automatic and admin drops)
     drops_failed: int = 0  # drops started that left the members solo
     restores_ok: int = 0
     restores_failed: int = 0
+    migrations_ok: int = 0  # the llumnix policy's live migrations of running requests
+    migrations_failed: int = 0
     plans: int = 0  # drop plans computed by the automatic planner
     plan_seconds_sum: float = 0.0  # time spent computing them
 

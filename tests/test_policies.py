@@ -65,14 +65,18 @@ def test_vllm_pp_serves_from_static_pairs(model, tmp_path):
 
 def test_llumnix_balances_by_migration_and_keeps_every_token(model, tmp_path):
     """Two instances with a small KV cache and a burst: the planner may move running
-    requests from the one short of KV to the other (migrations depend on timing); every
-    request still ends with transformers' tokens and nothing is dropped."""
+    requests from the one short of KV to the other (migrations depend on timing: one run in
+    three here); every request still ends with transformers' tokens and nothing is
+    dropped."""
     budget = small_budget(model, blocks=12)
     with running_stack(model, tmp_path, instances=2, admin_token=TOKEN, policy="llumnix",
                        memory_per_instance=budget) as (_, url):
         view, metrics = asyncio.run(burst(url, model, 10))
     assert {i["state"] for i in view["instances"]} == {"solo"}
     assert metric(metrics, "kunserve:drops_total") == 0
+    # whether one instance runs short while the other has room depends on timing; any
+    # migration the planner started succeeded (the mechanism: test_migration.py)
+    assert metric(metrics, 'kunserve:migrations_total{outcome="failed"}') == 0
 
 
 @pytest.mark.parametrize("policy", ["infercept", "vllm"])

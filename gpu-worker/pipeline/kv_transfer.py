@@ -240,3 +240,20 @@ class _Rows:
             layer[self._slice].copy_(packed)
         else:
             layer.index_copy_(0, self._index, packed)
+
+
+def pack_blocks(cache: KVCache, blocks: tuple[int, ...]) -> list[torch.Tensor]:
+    """Every layer's KV of ``blocks``, copied out: one (len(blocks), 2, block_size,
+    kv_heads, head_dim) tensor per layer the cache holds (a migration's chunks)."""
+    rows = _Rows(blocks)
+    first = cache.layer_start
+    return [rows.gather(cache.layer_blocks(layer), None)
+            for layer in range(first, first + cache.geometry.layers_held)]
+
+
+def write_blocks(cache: KVCache, blocks: tuple[int, ...], layers: list[torch.Tensor]) -> None:
+    """The inverse of ``pack_blocks``: ``layers[i]`` into ``blocks`` of the cache's i-th
+    layer."""
+    rows = _Rows(blocks)
+    for i, packed in enumerate(layers):
+        rows.scatter(cache.layer_blocks(cache.layer_start + i), packed)

@@ -40,7 +40,6 @@ import torch
 from kunserve.worker.checkpoint import TORCH_DTYPES, build_stage, load_stage
 from kunserve.worker.engine import LLMEngine
 from kunserve.worker.group_layout import (
-    KVPiece,
     assign_requests,
     drop_layout,
     restore_pieces,
@@ -61,8 +60,6 @@ from kunserve.worker.pipeline.stage_messages import (
     DropHello,
     DropWelcome,
     LayersPulled,
-    MigrateAnswer,
-    MigrateOffer,
     PullLayers,
     RestoreCommit,
     RestoredGenerators,
@@ -428,71 +425,3 @@ def _requeue(engine: LLMEngine, requests: list[Request]) -> None:
         request.status, request.num_computed_tokens = RequestStatus.WAITING, 0
         request.num_preemptions += 1
         engine.scheduler.adopt(request)
-
-
-# -- migration (the llumnix policy) -------------------------------------------------------------
-def migrate(engine: LLMEngine, link: StageLink, max_blocks: int) -> int:
-    """Move running requests holding up to ``max_blocks`` KV blocks from rank 0 to rank 1 of a
-    2-member link, with their KV (every layer) and their progress, so they go on at once on
-    the destination (collective; stop-and-copy between two steps). Returns how many moved."""
-    if engine.drain():  # a solo engine runs one step at a time: nothing is ever left here
-        raise RuntimeError("migrate with steps in flight")
-    model, cache = engine.model_config, engine.kv_caches[0]
-    runner = engine.runner
-    assert isinstance(runner, ModelRunner)
-    full = LayerRange.full(model.num_layers)
-    if link.rank == 0:
-        chosen, total = [], 0
-        for request in reversed(engine.scheduler.running):  # newest first, as preemption
-            blocks = len(engine.block_manager.block_table(request.request_id))
-            if 0 < blocks and total + blocks <= max_blocks:
-                chosen.append(request.request_id)
-                total += blocks
-        states = engine.export_requests(chosen)
-        generators = runner.sampler.export_generators(chosen)
-        link.send_message(MigrateOffer(requests=states, generators=generators), 1)
-        answer = link.recv_message(MigrateAnswer, 1)
-        if answer.error or not states:
-            engine.adopt_requests(states, {s.request_id: s.block_table for s in states})
-            runner.sampler.import_generators(
-                generators, {s.request_id: s.sampling_params for s in states})
-            return 0
-        src = tuple(b for s in states for b in s.block_table)
-        dst = tuple(b for s in states for b in answer.tables[s.request_id])
-    else:
-        offer = link.recv_message(MigrateOffer, 0)
-        tables = _reserve_blocks(engine, offer.requests)
-        link.send_message(MigrateAnswer(tables=tables or {}, error=None if tables is not None
-                                        else "the destination has no room"), 0)
-        if tables is None or not offer.requests:
-            link.flush()
-            return 0
-        states = offer.requests
-        src = tuple(b for s in states for b in s.block_table)
-        dst = tuple(b for s in states for b in tables[s.request_id])
-    piece = KVPiece(0, 1, full.start, full.end, src, dst)
-    move_kv(cache, link, link.rank, [piece], cache.geometry, cache.num_blocks, 0)
-    if link.rank == 1:
-        engine.adopt_requests(states, tables)
-        runner.sampler.import_generators(offer.generators,
-                                         {s.request_id: s.sampling_params for s in states})
-    return len(states)
-
-
-def _reserve_blocks(engine: LLMEngine, states: list[RequestState]
-                    ) -> dict[str, list[int]] | None:
-    """Free blocks of this engine for each request (None when they do not all fit); they stay
-    free in the block manager until ``adopt_requests`` takes them after the KV arrives (no
-    step runs in between)."""
-    blocks, scheduler = engine.block_manager, engine.scheduler
-    needed = sum(len(s.block_table) for s in states)
-    if needed > blocks.num_free or len(scheduler.running) + len(states) > (
-            scheduler.config.max_num_seqs):
-        return None
-    tables = {}
-    for state in states:
-        blocks.allocate(state.request_id, len(state.block_table) * blocks.block_size)
-        tables[state.request_id] = list(blocks.block_table(state.request_id))
-    for state in states:
-        blocks.free(state.request_id)
-    return tables

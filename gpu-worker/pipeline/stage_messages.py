@@ -37,11 +37,15 @@ Restoring (the group splits back into solo instances)::
     0 -> r          RestoreCommit   every member is ready: serve solo (before it, a broken
                                     group leaves every request with the leader)
 
-Migrating requests between two solo instances (the llumnix policy)::
+Migrating requests between two solo instances (the llumnix policy, ``migration.py``), in
+two stages while both serve::
 
-    0 -> 1          MigrateOffer    the requests (progress, block tables, generators)
-    1 -> 0          MigrateAnswer   the destination's blocks for them, or why it cannot
-    then their KV, every layer, one layer per tensor
+    0 -> 1          MigrateOffer    how many full blocks of each request are copied now
+    then those blocks' KV, every layer, one layer per tensor
+    1 -> 0          MigrateAnswer   the destination reserved blocks for them, or why it cannot
+    0 -> 1          MigrateFinal    the requests (progress, block tables, generators), stopped
+    then the KV of their blocks past the copied ones, one layer per tensor
+    1 -> 0          MigrateAnswer   the destination serves them now, or why it cannot
 """
 
 from __future__ import annotations
@@ -125,16 +129,25 @@ class RestoredGenerators(msgspec.Struct, tag=True, kw_only=True):
 
 
 class MigrateOffer(msgspec.Struct, tag=True, kw_only=True):
-    """Source -> destination (the llumnix policy): running requests with their block tables
-    and generators; their KV follows once accepted."""
+    """Source -> destination (the llumnix policy): the requests it will move, with how many of
+    each one's first blocks (full ones: they no longer change) are copied now, while it goes
+    on decoding them."""
 
-    requests: list[RequestState]
-    generators: dict[str, bytes] = {}
+    copied: dict[str, int] = {}
 
 
 class MigrateAnswer(msgspec.Struct, tag=True, kw_only=True):
-    tables: dict[str, list[int]] = {}  # the destination's blocks for each request
     error: str | None = None
+
+
+class MigrateFinal(msgspec.Struct, tag=True, kw_only=True):
+    """The final stop: the requests that still move (stopped at the source; a request that
+    finished or was preempted meanwhile stays), their generators, and how many of each one's
+    blocks the copy already carried; the KV of the rest follows."""
+
+    requests: list[RequestState] = []
+    generators: dict[str, bytes] = {}
+    copied: dict[str, int] = {}
 
 
 class RestoreDone(msgspec.Struct, tag=True, kw_only=True):

@@ -156,7 +156,8 @@ def measure(spec: DropBenchSpec) -> dict:
     return summarize(spec, model.num_layers, [report for _, report, _ in sorted(got)])
 
 
-def _collect(results, processes) -> list[tuple[int, dict | None, str | None]]:
+def _collect(results, processes, what: str = "the drop bench"
+             ) -> list[tuple[int, dict | None, str | None]]:
     got: list[tuple[int, dict | None, str | None]] = []
     deadline = time.monotonic() + MEMBER_DEADLINE_S
     while len(got) < len(processes):
@@ -169,7 +170,7 @@ def _collect(results, processes) -> list[tuple[int, dict | None, str | None]]:
         dead = [r for r, p in enumerate(processes) if r not in reported and not p.is_alive()]
         if dead or time.monotonic() > deadline:
             why = f"member(s) {dead} died" if dead else f"no report within {MEMBER_DEADLINE_S} s"
-            raise RuntimeError(f"the drop bench failed: {why}")
+            raise RuntimeError(f"{what} failed: {why}")
     return got
 
 

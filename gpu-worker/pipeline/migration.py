@@ -1,0 +1,256 @@
+"""Live migration of running requests between two solo instances (the llumnix policy).
+
+Llumnix moves a request's KV while the request keeps decoding, then stops it only for what
+changed meanwhile. Here, over the 2-member ``StageLink`` the planner prepared (rank 0 the
+source, rank 1 the destination), both serving throughout:
+
+1. copy while decoding: the source picks running requests (newest first, up to ``max_blocks``
+   KV blocks), copies out their *full* blocks (every slot written: a full block never changes
+   while its request runs) and sends them, one layer per tensor, with a ``MigrateOffer``;
+   the destination receives them on a helper thread, then, between two of its steps, reserves
+   blocks (held under a placeholder, so its scheduler cannot hand them out), writes the KV
+   there and answers;
+2. final stop: between two of its steps, the source stops the requests that still qualify
+   (running, never preempted since the copy), keeps their blocks held until the answer,
+   and sends their progress, generators and the KV of the blocks past the copied ones (the
+   partly filled last block and any new since) with a ``MigrateFinal``; the destination
+   takes them between two of its steps and answers. On a refusal or a broken link the
+   source takes them back with their KV, which it never let go of.
+
+The engine thread drives it: ``wait`` runs on a helper thread (link I/O only: the sends
+leaving, the peer's next message), ``advance`` between two steps (engine and cache), until
+``done``. A request is stopped only from the source's ``advance`` of stage 2 until the
+destination's next ``advance``; the bytes copied during that stop are what decoded since the
+copy (``stop_blocks``), not the request's whole KV (``copied_blocks``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kunserve.worker.engine import LLMEngine
+from kunserve.worker.handover import RequestState
+from kunserve.worker.model_runner import ModelRunner
+from kunserve.worker.pipeline.kv_transfer import pack_blocks, write_blocks
+from kunserve.worker.pipeline.stage_link import StageLink
+from kunserve.worker.pipeline.stage_messages import MigrateAnswer, MigrateFinal, MigrateOffer
+from kunserve.worker.request import RequestStatus
+
+_HOLD = "migrating/"  # block-table key prefix of blocks held for a migration
+
+
+@dataclass
+class MigrationStats:
+    requests: int = 0  # moved
+    copied_blocks: int = 0  # sent while the requests decoded on
+    stop_blocks: int = 0  # sent while they were stopped
+    copy_s: float = 0.0  # source: from the copy's start to the destination's answer
+    stop_s: float = 0.0  # source: from stopping the requests to the destination's answer
+    started_at: float = field(default_factory=time.perf_counter)
+
+    def phases(self) -> dict[str, float]:
+        return {"migrate": time.perf_counter() - self.started_at, "copy": self.copy_s,
+                "stop": self.stop_s, "requests": float(self.requests),
+                "copied_blocks": float(self.copied_blocks),
+                "stop_blocks": float(self.stop_blocks)}
+
+
+class MigrationSource:
+    """Rank 0. Built between two steps: picks the requests and starts the copy."""
+
+    def __init__(self, engine: LLMEngine, link: StageLink, max_blocks: int,
+                 live: bool = True) -> None:
+        """``live=False``: stop-and-copy (nothing copied ahead; ``kunserve bench migrate``
+        compares the two)."""
+        if engine.drain():  # a solo engine runs one step at a time: nothing is ever left here
+            raise RuntimeError("migrate with steps in flight")
+        self.link, self.stats, self.done = link, MigrationStats(), False
+        self._stage = "copy"  # then "stop"
+        self._stopped_at = 0.0
+        self.moved: list[str] = []
+        self._answer: MigrateAnswer | None = None
+        self._states: list[RequestState] = []
+        self._generators: dict[str, bytes] = {}
+        blocks, scheduler = engine.block_manager, engine.scheduler
+        # request id -> (the blocks copied now, its preemptions then)
+        self._copied: dict[str, tuple[list[int], int]] = {}
+        total = 0
+        for request in reversed(scheduler.running):  # newest first, as preemption
+            table = blocks.block_table(request.request_id)
+            if 0 < len(table) and total + len(table) <= max_blocks:
+                full = request.num_computed_tokens // blocks.block_size if live else 0
+                self._copied[request.request_id] = (table[:full], request.num_preemptions)
+                total += len(table)
+        link.send_message(MigrateOffer(copied={r: len(b) for r, (b, _) in self._copied.items()}),
+                          1)
+        copied = tuple(b for table, _ in self._copied.values() for b in table)
+        if copied:
+            for tensor in pack_blocks(engine.kv_caches[0], copied):
+                link.send_tensor(tensor, 1)
+        self.stats.copied_blocks = len(copied)
+
+    def wait(self) -> None:
+        """Helper thread: the sends leave, the destination answers."""
+        self.link.flush()
+        self._answer = self.link.recv_message(MigrateAnswer, 1)
+
+    def advance(self, engine: LLMEngine) -> None:
+        """Between two steps: after the copy, stop and send the rest; after that, finish."""
+        answer, self._answer = self._answer, None
+        assert answer is not None
+        if self._stage == "copy":
+            self.stats.copy_s = time.perf_counter() - self.stats.started_at
+            if answer.error is not None:
+                self.done = True
+            else:
+                self._stop(engine)
+                self._stage = "stop"
+            return
+        self.stats.stop_s = time.perf_counter() - self._stopped_at
+        self._release(engine, taken_back=answer.error is not None)
+        self.done = True
+
+    def abort(self, engine: LLMEngine) -> None:
+        """The link broke: whatever was stopped serves on here."""
+        self._release(engine, taken_back=True)
+
+    def _stop(self, engine: LLMEngine) -> None:
+        if engine.drain():
+            raise RuntimeError("migrate with steps in flight")
+        self._stopped_at = time.perf_counter()
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        still = []
+        for rid, (copied, preemptions) in self._copied.items():
+            request = scheduler.requests.get(rid)
+            if (request is not None and request.status == RequestStatus.RUNNING
+                    and request.num_preemptions == preemptions
+                    and blocks.block_table(rid)[:len(copied)] == copied):
+                still.append(rid)
+        runner = engine.runner
+        assert isinstance(runner, ModelRunner)
+        self._states = engine.export_requests(still)
+        self._generators = runner.sampler.export_generators(still)
+        # held until the answer: a refused request goes on here with its KV
+        blocks.adopt({_HOLD + s.request_id: s.block_table for s in self._states})
+        self.moved = [s.request_id for s in self._states]
+        copied = {s.request_id: len(self._copied[s.request_id][0]) for s in self._states}
+        rest = tuple(b for s in self._states for b in s.block_table[copied[s.request_id]:])
+        self.link.send_message(MigrateFinal(requests=self._states, generators=self._generators,
+                                            copied=copied), 1)
+        if rest:
+            for tensor in pack_blocks(engine.kv_caches[0], rest):
+                self.link.send_tensor(tensor, 1)
+        self.stats.stop_blocks = len(rest)
+        self.stats.copied_blocks = sum(copied.values())
+
+    def _release(self, engine: LLMEngine, taken_back: bool) -> None:
+        for state in self._states:
+            engine.block_manager.free(_HOLD + state.request_id)
+        if taken_back and self._states:
+            runner = engine.runner
+            assert isinstance(runner, ModelRunner)
+            engine.adopt_requests(self._states, {s.request_id: s.block_table
+                                                 for s in self._states})
+            runner.sampler.import_generators(
+                self._generators, {s.request_id: s.sampling_params for s in self._states})
+            self.moved = []
+        self.stats.requests = len(self.moved)
+        self._states = []
+
+
+class MigrationDestination:
+    """Rank 1. Built between two steps; receives on the helper thread, takes over between
+    steps."""
+
+    def __init__(self, engine: LLMEngine, link: StageLink) -> None:
+        self.link, self.stats, self.done = link, MigrationStats(), False
+        self.moved: list[str] = []
+        cache = engine.kv_caches[0]
+        g = cache.geometry
+        self._slot = (2, g.block_size, g.num_kv_heads, g.head_dim)
+        self._layers, self._dtype = g.layers_held, cache.storage.dtype
+        self._offer: MigrateOffer | None = None
+        self._final: MigrateFinal | None = None
+        self._kv: list[torch.Tensor] = []
+        self._reserved: dict[str, list[int]] = {}
+
+    def wait(self) -> None:
+        """Helper thread: the source's next message and the KV that follows it."""
+        if self._offer is None:
+            self._offer = self.link.recv_message(MigrateOffer, 0)
+            count = sum(self._offer.copied.values())
+        else:
+            self._final = self.link.recv_message(MigrateFinal, 0)
+            count = sum(len(s.block_table) - self._final.copied.get(s.request_id, 0)
+                        for s in self._final.requests)
+        self._kv = [self.link.recv_tensor((count, *self._slot), self._dtype, 0)
+                    for _ in range(self._layers)] if count else []
+
+    def advance(self, engine: LLMEngine) -> None:
+        kv, self._kv = self._kv, []
+        if self._final is None:
+            assert self._offer is not None
+            error = self._reserve(engine, self._offer.copied)
+            if error is None and kv:
+                write_blocks(engine.kv_caches[0],
+                             tuple(b for t in self._reserved.values() for b in t), kv)
+            self.link.send_message(MigrateAnswer(error=error), 0)
+            self.stats.copied_blocks = sum(len(t) for t in self._reserved.values())
+            self.done = error is not None
+            return
+        error = self._take(engine, self._final, kv)
+        self.link.send_message(MigrateAnswer(error=error), 0)
+        self.done = True
+
+    def abort(self, engine: LLMEngine) -> None:
+        for rid in self._reserved:
+            engine.block_manager.free(_HOLD + rid)
+        self._reserved = {}
+
+    def _reserve(self, engine: LLMEngine, copied: dict[str, int]) -> str | None:
+        blocks, scheduler = engine.block_manager, engine.scheduler
+        if len(scheduler.running) + len(copied) > scheduler.config.max_num_seqs:
+            return "the destination runs as many requests as it may"
+        if sum(copied.values()) > blocks.num_free:
+            return "the destination has no room"
+        for rid, count in copied.items():
+            blocks.allocate(_HOLD + rid, count * blocks.block_size)
+            self._reserved[rid] = list(blocks.block_table(_HOLD + rid))
+        return None
+
+    def _take(self, engine: LLMEngine, final: MigrateFinal, kv: list[torch.Tensor]
+              ) -> str | None:
+        """Adopt the stopped requests: each one's copied blocks, then new ones for the rest
+        (in the order the source packed them)."""
+        blocks, scheduler = engine.block_manager, engine.scheduler
+        known = sorted(s.request_id for s in final.requests if s.request_id in scheduler.requests)
+        if known:
+            self.abort(engine)
+            return f"the destination already serves request(s) {known}"
+        new = sum(len(s.block_table) - final.copied[s.request_id] for s in final.requests)
+        if new > blocks.num_free or (len(scheduler.running) + len(final.requests)
+                                     > scheduler.config.max_num_seqs):
+            self.abort(engine)
+            return "the destination has no room for the requests any more"
+        tables, rest = {}, []
+        for state in final.requests:
+            rid = state.request_id
+            held = len(self._reserved[rid])
+            blocks.allocate(_HOLD + rid, len(state.block_table) * blocks.block_size)
+            tables[rid] = list(blocks.block_table(_HOLD + rid))
+            rest += tables[rid][held:]
+        if kv:
+            write_blocks(engine.kv_caches[0], tuple(rest), kv)
+        self.abort(engine)  # every hold goes, the requests take their blocks
+        runner = engine.runner
+        assert isinstance(runner, ModelRunner)
+        engine.adopt_requests(final.requests, tables)
+        runner.sampler.import_generators(
+            final.generators, {s.request_id: s.sampling_params for s in final.requests})
+        self.moved = list(tables)
+        self.stats.requests, self.stats.stop_blocks = len(tables), len(rest)
+        self.stats.copied_blocks = sum(final.copied[rid] for rid in tables)
+        return None

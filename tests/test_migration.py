@@ -1,0 +1,173 @@
+"""Live migration (the llumnix policy) between two real engines over a real gloo link (two
+threads, one TCPStore): the source copies its requests' full blocks and decodes on, then stops
+them only to send the blocks written since; every request's tokens, whichever engine produced
+them, are exactly transformers' greedy tokens, and no block is left held on either side.
+``test_worker_drop.py`` runs the same through NATS and worker processes."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+
+from kunserve.worker.engine import EngineConfig, LLMEngine
+from kunserve.worker.pipeline.migration import MigrationDestination, MigrationSource
+from kunserve.worker.pipeline.stage_link import StageLinkError
+from kunserve.worker.sampling_params import SamplingParams
+from tests.conftest import hf_greedy, make_prompts
+from tests.test_stage_link import _pair
+
+MAX_TOKENS = 24
+BLOCK = 8  # small blocks: the prompts fill several before the copy
+
+
+def greedy(max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+class Pair:
+    """A source engine with three requests (``short`` finishes during the copy) and a
+    destination engine serving one of its own, both a few steps in."""
+
+    def __init__(self, model_dir: str, dest_seqs: int = 128) -> None:
+        self.src = LLMEngine(EngineConfig(model=model_dir, block_size=BLOCK))
+        self.dst = LLMEngine(EngineConfig(model=model_dir, block_size=BLOCK,
+                                          max_num_seqs=dest_seqs))
+        prompts = make_prompts(4, vocab=500, lengths=[37, 20, 50, 9])
+        self.prompts = dict(zip(["m0", "short", "m2", "own"], prompts, strict=True))
+        self.max_tokens = {"m0": MAX_TOKENS, "short": 6, "m2": MAX_TOKENS, "own": MAX_TOKENS}
+        self.tokens: defaultdict[str, list[int]] = defaultdict(list)
+        self.last_from: dict[str, str] = {}
+        for rid in ("m0", "short", "m2"):
+            self.src.add_request(self.prompts[rid], greedy(self.max_tokens[rid]), rid)
+        self.dst.add_request(self.prompts["own"], greedy(), "own")
+        for _ in range(3):
+            self.step("src")
+            self.step("dst")
+
+    def step(self, name: str) -> None:
+        for out in getattr(self, name).step():
+            assert out.error is None, out.error
+            self.tokens[out.request_id] += out.new_token_ids
+            self.last_from[out.request_id] = name
+
+    def finish(self) -> None:
+        while self.src.has_unfinished() or self.dst.has_unfinished():
+            self.step("src")
+            self.step("dst")
+
+    def assert_exact(self, model_dir: str) -> None:
+        for rid, prompt in self.prompts.items():
+            assert self.tokens[rid] == hf_greedy(model_dir, prompt, self.max_tokens[rid]), rid
+        for engine in (self.src, self.dst):  # nothing held for a migration is left behind
+            assert engine.block_manager.usage().used == 0
+
+
+def test_a_live_migration_copies_while_decoding_and_stops_only_for_the_rest(llama_dir):
+    pair = Pair(llama_dir)
+    seen = {}
+
+    def source(link):
+        migration = MigrationSource(pair.src, link, max_blocks=1000)
+        seen["at_copy"] = {rid: len(pair.tokens[rid]) for rid in ("m0", "m2")}
+        seen["tables_at_copy"] = {rid: len(pair.src.block_manager.block_table(rid))
+                                  for rid in ("m0", "m2")}
+        for _ in range(4):  # the copy is under way: the requests decode on ("short" ends)
+            pair.step("src")
+        seen["at_stop"] = {rid: len(pair.tokens[rid]) for rid in ("m0", "m2")}
+        seen["tables_at_stop"] = {rid: len(pair.src.block_manager.block_table(rid))
+                                  for rid in ("m0", "m2")}
+        migration.wait()
+        migration.advance(pair.src)  # the final stop
+        assert not pair.src.has_unfinished()
+        migration.wait()
+        migration.advance(pair.src)
+        assert migration.done
+        return migration
+
+    def destination(link):
+        migration = MigrationDestination(pair.dst, link)
+        pair.step("dst")
+        migration.wait()
+        migration.advance(pair.dst)  # reserves the copied blocks, writes them, answers
+        pair.step("dst")
+        migration.wait()
+        migration.advance(pair.dst)  # takes the stopped requests
+        assert migration.done
+        return migration
+
+    src, dst = _pair(source, destination)
+    assert sorted(src.moved) == sorted(dst.moved) == ["m0", "m2"]  # "short" ended meanwhile
+    assert all(seen["at_stop"][r] == seen["at_copy"][r] + 4 for r in ("m0", "m2"))
+    # the copy carried every full block of the moved requests; the stop only the rest
+    full = sum((len(pair.prompts[r]) + seen["at_copy"][r] - 1) // BLOCK for r in ("m0", "m2"))
+    assert src.stats.copied_blocks == dst.stats.copied_blocks == full
+    assert src.stats.stop_blocks == dst.stats.stop_blocks == (
+        sum(seen["tables_at_stop"].values()) - full)
+    assert 0 < src.stats.stop_blocks < full
+    phases = src.stats.phases()
+    assert phases["requests"] == 2 and phases["stop"] > 0 and phases["copy"] > 0
+    # the destination holds exactly its own request's blocks and the moved ones
+    used = pair.dst.block_manager.usage().used
+    assert used == sum(len(pair.dst.block_manager.block_table(r)) for r in ("own", "m0", "m2"))
+    pair.finish()
+    assert pair.last_from["m0"] == pair.last_from["m2"] == "dst"
+    assert pair.last_from["short"] == "src"
+    pair.assert_exact(llama_dir)
+
+
+def test_a_destination_with_no_room_refuses_and_the_source_serves_on(llama_dir):
+    pair = Pair(llama_dir, dest_seqs=1)  # it runs "own": it may take no other request
+
+    def source(link):
+        migration = MigrationSource(pair.src, link, max_blocks=1000)
+        pair.step("src")
+        migration.wait()
+        migration.advance(pair.src)
+        assert migration.done and migration.moved == []
+        return migration
+
+    def destination(link):
+        migration = MigrationDestination(pair.dst, link)
+        migration.wait()
+        migration.advance(pair.dst)
+        assert migration.done
+        return migration
+
+    _pair(source, destination)
+    assert pair.dst.block_manager.usage().used == len(
+        pair.dst.block_manager.block_table("own"))
+    pair.finish()
+    assert pair.last_from["m0"] == "src"
+    pair.assert_exact(llama_dir)
+
+
+def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_dir):
+    """The destination receives the final stop's requests but goes away before it answers:
+    the source takes them back with the KV it held and finishes them, none lost."""
+    pair = Pair(llama_dir)
+
+    def source(link):
+        migration = MigrationSource(pair.src, link, max_blocks=1000)
+        migration.wait()
+        migration.advance(pair.src)  # stopped: the requests left this engine
+        assert not pair.src.has_unfinished()
+        with pytest.raises(StageLinkError):
+            migration.wait()
+        migration.abort(pair.src)
+        return migration
+
+    def destination(link):
+        migration = MigrationDestination(pair.dst, link)
+        migration.wait()
+        migration.advance(pair.dst)
+        migration.wait()  # the final stop's requests arrive; it never takes them
+        migration.abort(pair.dst)
+        link.close()
+        return migration
+
+    _pair(source, destination)
+    assert sorted(pair.src.scheduler.requests) == ["m0", "m2", "short"]
+    pair.finish()
+    assert {pair.last_from[r] for r in ("m0", "m2", "short")} == {"src"}
+    pair.assert_exact(llama_dir)
