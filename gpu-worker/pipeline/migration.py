@@ -9,19 +9,21 @@ source, rank 1 the destination), both serving throughout:
    while its request runs) and sends them, one layer per tensor, with a ``MigrateOffer``;
    the destination receives them on a helper thread, then, between two of its steps, reserves
    blocks (held under a placeholder, so its scheduler cannot hand them out), writes the KV
-   there and answers;
+   there and answers. While the requests filled more blocks during a copy, the source copies
+   those too, in another round (at most ``MAX_COPY_ROUNDS`` in all), as Llumnix does;
 2. final stop: between two of its steps, the source stops the requests that still qualify
-   (running, never preempted since the copy), keeps their blocks held until the answer,
-   and sends their progress, generators and the KV of the blocks past the copied ones (the
-   partly filled last block and any new since) with a ``MigrateFinal``; the destination
-   takes them between two of its steps and answers. On a refusal or a broken link the
-   source takes them back with their KV, which it never let go of.
+   (running, never preempted since they were chosen), keeps their blocks held until the
+   answer, and sends their progress, generators and the KV of the blocks past the copied ones
+   (the partly filled last block, and any filled during the last copy) with a
+   ``MigrateFinal``; the destination takes them between two of its steps and answers. On a
+   refusal or a broken link the source takes them back with their KV, which it never let go
+   of.
 
 The engine thread drives it: ``wait`` runs on a helper thread (link I/O only: the sends
 leaving, the peer's next message), ``advance`` between two steps (engine and cache), until
 ``done``. A request is stopped only from the source's ``advance`` of stage 2 until the
 destination's next ``advance``; the bytes copied during that stop are what decoded since the
-copy (``stop_blocks``), not the request's whole KV (``copied_blocks``).
+last copy (``stop_blocks``), not the request's whole KV (``copied_blocks``).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from kunserve.worker.pipeline.stage_messages import MigrateAnswer, MigrateFinal,
 from kunserve.worker.request import RequestStatus
 
 _HOLD = "migrating/"  # block-table key prefix of blocks held for a migration
+MAX_COPY_ROUNDS = 4  # copies while decoding, at most, before the stop
 
 
 @dataclass
@@ -74,23 +77,18 @@ class MigrationSource:
         self._answer: MigrateAnswer | None = None
         self._states: list[RequestState] = []
         self._generators: dict[str, bytes] = {}
+        self.copy_rounds = 0
         blocks, scheduler = engine.block_manager, engine.scheduler
-        # request id -> (the blocks copied now, its preemptions then)
+        # request id -> (the blocks copied so far, its preemptions when chosen)
         self._copied: dict[str, tuple[list[int], int]] = {}
         total = 0
         for request in reversed(scheduler.running):  # newest first, as preemption
             table = blocks.block_table(request.request_id)
             if 0 < len(table) and total + len(table) <= max_blocks:
-                full = request.num_computed_tokens // blocks.block_size if live else 0
-                self._copied[request.request_id] = (table[:full], request.num_preemptions)
+                self._copied[request.request_id] = ([], request.num_preemptions)
                 total += len(table)
-        link.send_message(MigrateOffer(copied={r: len(b) for r, (b, _) in self._copied.items()}),
-                          1)
-        copied = tuple(b for table, _ in self._copied.values() for b in table)
-        if copied:
-            for tensor in pack_blocks(engine.kv_caches[0], copied):
-                link.send_tensor(tensor, 1)
-        self.stats.copied_blocks = len(copied)
+        self._live = live
+        self._copy(engine)
 
     def wait(self) -> None:
         """Helper thread: the sends leave, the destination answers."""
@@ -98,20 +96,57 @@ class MigrationSource:
         self._answer = self.link.recv_message(MigrateAnswer, 1)
 
     def advance(self, engine: LLMEngine) -> None:
-        """Between two steps: after the copy, stop and send the rest; after that, finish."""
+        """Between two steps: after a copy, copy what filled up meanwhile (while something
+        did, up to ``MAX_COPY_ROUNDS``), else stop and send the rest; after that, finish."""
         answer, self._answer = self._answer, None
         assert answer is not None
         if self._stage == "copy":
             self.stats.copy_s = time.perf_counter() - self.stats.started_at
             if answer.error is not None:
                 self.done = True
-            else:
+            elif not (self._live and self.copy_rounds < MAX_COPY_ROUNDS and self._copy(engine)):
                 self._stop(engine)
                 self._stage = "stop"
             return
         self.stats.stop_s = time.perf_counter() - self._stopped_at
         self._release(engine, taken_back=answer.error is not None)
         self.done = True
+
+    def _copy(self, engine: LLMEngine) -> bool:
+        """Send the blocks of the chosen requests that are full and not copied yet (none
+        when not ``live``: an empty offer); False, sending nothing, when a later round finds
+        none."""
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        more: dict[str, list[int]] = {}
+        for rid in self._still(engine):
+            done = self._copied[rid][0]
+            full = scheduler.requests[rid].num_computed_tokens // blocks.block_size
+            more[rid] = blocks.block_table(rid)[len(done):full] if self._live else []
+        if self.copy_rounds and not any(more.values()):
+            return False
+        self.copy_rounds += 1
+        self.link.send_message(MigrateOffer(copied={r: len(b) for r, b in more.items()}), 1)
+        ahead = tuple(b for table in more.values() for b in table)
+        if ahead:
+            for tensor in pack_blocks(engine.kv_caches[0], ahead):
+                self.link.send_tensor(tensor, 1)
+        for rid, table in more.items():
+            self._copied[rid][0].extend(table)
+        self.stats.copied_blocks += len(ahead)
+        return True
+
+    def _still(self, engine: LLMEngine) -> list[str]:
+        """The chosen requests that can still move: running, not preempted since they were
+        chosen (their copied blocks are theirs and unchanged)."""
+        scheduler, blocks = engine.scheduler, engine.block_manager
+        still = []
+        for rid, (copied, preemptions) in self._copied.items():
+            request = scheduler.requests.get(rid)
+            if (request is not None and request.status == RequestStatus.RUNNING
+                    and request.num_preemptions == preemptions
+                    and blocks.block_table(rid)[:len(copied)] == copied):
+                still.append(rid)
+        return still
 
     def abort(self, engine: LLMEngine) -> None:
         """The link broke: whatever was stopped serves on here."""
@@ -121,14 +156,8 @@ class MigrationSource:
         if engine.drain():
             raise RuntimeError("migrate with steps in flight")
         self._stopped_at = time.perf_counter()
-        scheduler, blocks = engine.scheduler, engine.block_manager
-        still = []
-        for rid, (copied, preemptions) in self._copied.items():
-            request = scheduler.requests.get(rid)
-            if (request is not None and request.status == RequestStatus.RUNNING
-                    and request.num_preemptions == preemptions
-                    and blocks.block_table(rid)[:len(copied)] == copied):
-                still.append(rid)
+        blocks = engine.block_manager
+        still = self._still(engine)
         runner = engine.runner
         assert isinstance(runner, ModelRunner)
         self._states = engine.export_requests(still)
@@ -172,36 +201,38 @@ class MigrationDestination:
         g = cache.geometry
         self._slot = (2, g.block_size, g.num_kv_heads, g.head_dim)
         self._layers, self._dtype = g.layers_held, cache.storage.dtype
-        self._offer: MigrateOffer | None = None
-        self._final: MigrateFinal | None = None
+        self._message: MigrateOffer | MigrateFinal | None = None
         self._kv: list[torch.Tensor] = []
-        self._reserved: dict[str, list[int]] = {}
+        self._reserved: dict[str, list[int]] = {}  # request id -> its blocks held here
 
     def wait(self) -> None:
-        """Helper thread: the source's next message and the KV that follows it."""
-        if self._offer is None:
-            self._offer = self.link.recv_message(MigrateOffer, 0)
-            count = sum(self._offer.copied.values())
+        """Helper thread: the source's next message (a copy or the final stop) and the KV
+        that follows it."""
+        message = self.link.recv_message(MigrateOffer | MigrateFinal, 0)
+        if isinstance(message, MigrateOffer):
+            count = sum(message.copied.values())
         else:
-            self._final = self.link.recv_message(MigrateFinal, 0)
-            count = sum(len(s.block_table) - self._final.copied.get(s.request_id, 0)
-                        for s in self._final.requests)
+            count = sum(len(s.block_table) - message.copied[s.request_id]
+                        for s in message.requests)
         self._kv = [self.link.recv_tensor((count, *self._slot), self._dtype, 0)
                     for _ in range(self._layers)] if count else []
+        self._message = message
 
     def advance(self, engine: LLMEngine) -> None:
         kv, self._kv = self._kv, []
-        if self._final is None:
-            assert self._offer is not None
-            error = self._reserve(engine, self._offer.copied)
+        message, self._message = self._message, None
+        if isinstance(message, MigrateOffer):
+            error, fresh = self._reserve(engine, message.copied)
             if error is None and kv:
-                write_blocks(engine.kv_caches[0],
-                             tuple(b for t in self._reserved.values() for b in t), kv)
+                write_blocks(engine.kv_caches[0], fresh, kv)
             self.link.send_message(MigrateAnswer(error=error), 0)
-            self.stats.copied_blocks = sum(len(t) for t in self._reserved.values())
-            self.done = error is not None
+            self.stats.copied_blocks += len(fresh)
+            if error is not None:
+                self.abort(engine)
+                self.done = True
             return
-        error = self._take(engine, self._final, kv)
+        assert message is not None
+        error = self._take(engine, message, kv)
         self.link.send_message(MigrateAnswer(error=error), 0)
         self.done = True
 
@@ -210,16 +241,24 @@ class MigrationDestination:
             engine.block_manager.free(_HOLD + rid)
         self._reserved = {}
 
-    def _reserve(self, engine: LLMEngine, copied: dict[str, int]) -> str | None:
+    def _reserve(self, engine: LLMEngine, copied: dict[str, int]
+                 ) -> tuple[str | None, tuple[int, ...]]:
+        """Hold ``copied[rid]`` more blocks for each request (the first offer names every
+        request); the error, or the new blocks in the order the source packed them."""
         blocks, scheduler = engine.block_manager, engine.scheduler
-        if len(scheduler.running) + len(copied) > scheduler.config.max_num_seqs:
-            return "the destination runs as many requests as it may"
+        new = [rid for rid in copied if rid not in self._reserved]
+        if new and len(scheduler.running) + len(new) > scheduler.config.max_num_seqs:
+            return "the destination runs as many requests as it may", ()
         if sum(copied.values()) > blocks.num_free:
-            return "the destination has no room"
+            return "the destination has no room", ()
+        fresh: list[int] = []
         for rid, count in copied.items():
-            blocks.allocate(_HOLD + rid, count * blocks.block_size)
-            self._reserved[rid] = list(blocks.block_table(_HOLD + rid))
-        return None
+            held = self._reserved.setdefault(rid, [])
+            blocks.allocate(_HOLD + rid, (len(held) + count) * blocks.block_size)
+            table = blocks.block_table(_HOLD + rid)
+            fresh += table[len(held):]
+            self._reserved[rid] = list(table)
+        return None, tuple(fresh)
 
     def _take(self, engine: LLMEngine, final: MigrateFinal, kv: list[torch.Tensor]
               ) -> str | None:

@@ -43,6 +43,7 @@ two stages while both serve::
     0 -> 1          MigrateOffer    how many full blocks of each request are copied now
     then those blocks' KV, every layer, one layer per tensor
     1 -> 0          MigrateAnswer   the destination reserved blocks for them, or why it cannot
+                    (again while the requests filled blocks during the copy)
     0 -> 1          MigrateFinal    the requests (progress, block tables, generators), stopped
     then the KV of their blocks past the copied ones, one layer per tensor
     1 -> 0          MigrateAnswer   the destination serves them now, or why it cannot
@@ -129,9 +130,9 @@ class RestoredGenerators(msgspec.Struct, tag=True, kw_only=True):
 
 
 class MigrateOffer(msgspec.Struct, tag=True, kw_only=True):
-    """Source -> destination (the llumnix policy): the requests it will move, with how many of
-    each one's first blocks (full ones: they no longer change) are copied now, while it goes
-    on decoding them."""
+    """Source -> destination (the llumnix policy): the requests it will move, with how many
+    more of each one's blocks (full ones: they no longer change) are copied now, while it goes
+    on decoding them. The first offer names every request."""
 
     copied: dict[str, int] = {}
 
