@@ -113,6 +113,7 @@ def summarize(spec: MigrateBenchSpec, source: dict, destination: dict) -> dict:
                        "stop_mb": src["stats"]["stop_blocks"] * source["block_bytes"] / 1e6,
                        "stop_s": src["stats"]["stop_s"], "copy_s": src["stats"]["copy_s"],
                        "steps_during_copy": src["steps_during_copy"],
+                       "copy_rounds": src["copy_rounds"],
                        "max_gap_s": max(gaps) if gaps else 0.0,
                        "decode_step_s": statistics.median(src["step_s"])})
     return {"spec": asdict(spec), "block_bytes": source["block_bytes"],
@@ -190,7 +191,7 @@ class _Stepper:
             while not migration.done:
                 if waiting.done():
                     waiting.result()
-                    if rank == 0 and not sent_last:  # the copy's answer: the stop comes now
+                    if rank == 0 and not migration.moved:  # a copy's answer: maybe the stop
                         steps_during_copy = len(self.step_s) - steps_before
                         sent_last = dict(self.last)
                     migration.advance(engine)
@@ -210,6 +211,7 @@ class _Stepper:
                     "first_token": {rid: self.first[rid] for rid in migration.moved}}
         return {"mode": mode, "step_s": self.step_s, "moved": list(migration.moved),
                 "stats": asdict(migration.stats), "steps_during_copy": steps_during_copy,
+                "copy_rounds": migration.copy_rounds,
                 "last_token": {rid: sent_last[rid] for rid in migration.moved}}
 
 
@@ -220,12 +222,12 @@ def _print_table(r: dict) -> None:
           f"{spec['own']} of its own; {spec['threads']} torch thread(s) per process; "
           f"a block holds {r['block_size']} tokens, {r['block_bytes'] / 1e3:.0f} kB")
     print(f"{'round':>5} {'mode':>14} {'moved':>5} {'blocks: ahead':>13} {'in stop':>7} "
-          f"{'stop MB':>7} {'stop ms':>7} {'max gap ms':>10} {'steps in copy':>13} "
+          f"{'stop MB':>7} {'stop ms':>7} {'max gap ms':>10} {'copies':>6} {'steps in copy':>13} "
           f"{'step ms':>7}")
     for i, x in enumerate(r["rounds"]):
         print(f"{i:>5} {x['mode']:>14} {x['moved']:>5} {x['copied_blocks']:>13} "
               f"{x['stop_blocks']:>7} {x['stop_mb']:>7.2f} {1e3 * x['stop_s']:>7.1f} "
-              f"{1e3 * x['max_gap_s']:>10.1f} {x['steps_during_copy']:>13} "
+              f"{1e3 * x['max_gap_s']:>10.1f} {x['copy_rounds']:>6} {x['steps_during_copy']:>13} "
               f"{1e3 * x['decode_step_s']:>7.1f}")
     for mode in MODES:
         rows = [x for x in r["rounds"] if x["mode"] == mode]
