@@ -31,6 +31,7 @@ from tests.test_worker_server import make_request, read_load, send, wait_for_loa
 pytest_plugins = ["tests.mesh_fixtures"]
 
 MAX_TOKENS = 40
+MIGRATED_TOKENS = 250
 
 
 @pytest.fixture
@@ -60,8 +61,8 @@ async def drop(nc, ids, group: GroupPlan) -> None:
     assert all(r.ok for r in replies), replies
 
 
-async def start_streams(nc, ids, prompts):
-    streams = [await send(nc, ids[i % len(ids)], make_request(p, MAX_TOKENS))
+async def start_streams(nc, ids, prompts, max_tokens: int = MAX_TOKENS):
+    streams = [await send(nc, ids[i % len(ids)], make_request(p, max_tokens))
                for i, p in enumerate(prompts)]
     await asyncio.wait_for(asyncio.gather(*(s.got_tokens.wait() for s in streams)), 30)
     return streams
@@ -150,7 +151,9 @@ async def test_migration_moves_running_requests_with_their_kv(
     ids = ["w0", "w1"]
     spawn_workers(ids)
     prompts = make_prompts(3, vocab=500, lengths=[7, 19, 12])
-    streams = await start_streams(nc, ["w0"], prompts)
+    # long enough to be running still once the copy is done: a request that ends during the
+    # copy stays with its instance
+    streams = await start_streams(nc, ["w0"], prompts, max_tokens=MIGRATED_TOKENS)
     group = plan(store, ids, epoch=1)
     replies = await to_all(nc, ids, PrepareGroup(plan=group))
     assert all(r.ok for r in replies), replies
@@ -160,7 +163,7 @@ async def test_migration_moves_running_requests_with_their_kv(
     for stream, prompt in zip(streams, prompts, strict=True):
         updates = await stream.finished(60)
         assert [u.error for u in updates if u.error] == []
-        assert stream.token_ids == hf_greedy(mesh_model_dir, prompt, MAX_TOKENS)
+        assert stream.token_ids == hf_greedy(mesh_model_dir, prompt, MIGRATED_TOKENS)
         assert updates[-1].instance_id == "w1"  # finished where it moved
     load = await wait_for_load(rclient, "w0", lambda x: x.blocks_used == 0)
     assert load.state == "solo"

@@ -80,14 +80,29 @@ class Stream:
 
         self.sub = await nc.subscribe(Subjects.updates(self.request.request_id), cb=on_update)
 
-    async def finished(self, timeout: float = 20.0) -> list[RequestUpdate]:
-        await asyncio.wait_for(self.done.wait(), timeout)
+    async def finished(self, timeout: float = 20.0, worker=None) -> list[RequestUpdate]:
+        """The updates once the last came; on a timeout, what ``worker`` (an in-process
+        ``WorkerServer``) knew of the request, to tell a lost request from a lost update."""
+        try:
+            await asyncio.wait_for(self.done.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"request {self.request.request_id} did not end within "
+                                 f"{timeout} s; updates so far: {self.updates}"
+                                 + (f"; {worker_state(worker)}" if worker else "")) from None
         await self.sub.unsubscribe()
         return self.updates
 
     @property
     def token_ids(self) -> list[int]:
         return [t for u in self.updates for t in u.token_ids]
+
+
+def worker_state(server) -> str:
+    outlet = server._engine._outlet
+    return (f"worker accepting={server._accepting}, tracking {sorted(server._active)}, "
+            f"engine thread alive={server._engine._thread.is_alive()}, NATS connected="
+            f"{server.nc.is_connected}, update connection connected="
+            f"{outlet.nc is not None and outlet.nc.is_connected}")
 
 
 async def send(nc, worker_id: str, request: GenerateRequest, headers=None) -> Stream:
@@ -215,8 +230,8 @@ async def test_a_prompt_longer_than_the_kv_cache_is_the_requests_error(nats_serv
         assert capacity == 64
         too_big = make_request(list(range(5, 5 + capacity)), max_tokens=2)
         fits = make_request(list(range(5, 5 + capacity - 8)), max_tokens=2)
-        refused = await (await send(nc, settings.instance_id, too_big)).finished()
-        served = await (await send(nc, settings.instance_id, fits)).finished()
+        refused = await (await send(nc, settings.instance_id, too_big)).finished(worker=server)
+        served = await (await send(nc, settings.instance_id, fits)).finished(worker=server)
     finally:
         await server.stop()
         torch.set_num_threads(threads)
