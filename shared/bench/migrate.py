@@ -230,8 +230,10 @@ def _print_table(r: dict) -> None:
               f"{1e3 * x['max_gap_s']:>10.1f} {x['copy_rounds']:>6} {x['steps_during_copy']:>13} "
               f"{1e3 * x['decode_step_s']:>7.1f}")
     for mode in MODES:
-        rows = [x for x in r["rounds"] if x["mode"] == mode]
-        if rows:
+        rows = [x for x in r["rounds"] if x["mode"] == mode and x["moved"]]
+        if not rows:
+            print(f"{mode:>20}: nothing moved (the destination refused: it had no room)")
+        else:
             print(f"{mode:>20}: median stop {1e3 * statistics.median(x['stop_s'] for x in rows):.1f}"
                   f" ms, median max gap {1e3 * statistics.median(x['max_gap_s'] for x in rows):.1f}"
                   f" ms, blocks in the stop {statistics.median(x['stop_blocks'] for x in rows):g}")
