@@ -210,6 +210,9 @@ class EngineThread:
                     await self._step(engine)
                 await self._report_load(engine)
         finally:
+            for task in self._migrations:  # their requests go back to where they were
+                task.cancel()
+            await asyncio.gather(*self._migrations, return_exceptions=True)
             if self._membership is not None:
                 self._membership.link.close()
             await self._outlet.close()
@@ -353,9 +356,12 @@ class EngineThread:
             while not migration.done:
                 await asyncio.to_thread(migration.wait)
                 migration.advance(engine)
-        except Exception as exc:  # reported to whoever commanded it; the worker serves on
+        except BaseException as exc:  # reported to whoever commanded it; the worker serves on
             if migration is not None:
                 migration.abort(engine)
+            if not isinstance(exc, Exception):  # the worker is stopping
+                command.done.set_exception(RuntimeError("the worker stopped"))
+                raise
             logger.warning("migration failed: %s", exc)
             command.done.set_exception(exc)
         else:

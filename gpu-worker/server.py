@@ -535,6 +535,8 @@ class WorkerServer:
                             "kunserve.adopted": True,
                             "kunserve.num_prompt_tokens": event.num_prompt_tokens})
             self._active[event.request_id] = _Tracked(span, event.num_prompt_tokens)
+            if self._early_aborts.take(event.request_id):  # aborted while it moved here
+                self._engine.add(AbortCommand(event.request_id))
 
     # -- outgoing: the updates of requests that never reached the engine, request ends --------
     async def _publish(self, update: RequestUpdate) -> None:

@@ -149,7 +149,8 @@ class ReconfigurationCoordinator:
                 await self.channel.broadcast(members, AbortGroup(
                     epoch=epoch, group_id=group_id, reason=prepare.errors()),
                     self.timeouts.abort_s)
-                return ReconfigureReply(ok=False, status=UNAVAILABLE, group=group_id,
+                return ReconfigureReply(ok=False, status=UNAVAILABLE, epoch=epoch,
+                                        group=group_id,  # started: recorded as failed
                                         error=f"prepare failed: {prepare.errors()}")
             moved = await self.channel.broadcast(
                 members, MigrateRequests(epoch=epoch, group_id=group_id, blocks=blocks),

@@ -13,6 +13,7 @@ import pytest
 from kunserve.worker.engine import EngineConfig, LLMEngine
 from kunserve.worker.pipeline.migration import MigrationDestination, MigrationSource
 from kunserve.worker.pipeline.stage_link import StageLinkError
+from kunserve.worker.pipeline.stage_messages import MigrateAnswer
 from kunserve.worker.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, make_prompts
 from tests.test_stage_link import _pair
@@ -101,7 +102,8 @@ def test_a_live_migration_copies_while_decoding_and_stops_only_for_the_rest(llam
     full = {when: sum((len(pair.prompts[r]) + seen[when][r] - 1) // BLOCK for r in ("m0", "m2"))
             for when in ("at_copy", "at_stop")}
     assert full["at_stop"] == full["at_copy"] + 2 and src.copy_rounds == 2
-    assert src.stats.copied_blocks == dst.stats.copied_blocks == full["at_stop"]
+    # each side counts for itself; "short" had its 2 full blocks copied before it ended
+    assert src.stats.copied_blocks == dst.stats.copied_blocks == full["at_stop"] + 2
     assert src.stats.stop_blocks == dst.stats.stop_blocks == (
         sum(seen["tables_at_stop"].values()) - full["at_stop"])
     assert 1 <= src.stats.stop_blocks <= 2
@@ -164,6 +166,47 @@ def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_
         migration.wait()  # the final stop's requests arrive; it never takes them
         migration.abort(pair.dst)
         link.close()
+        return migration
+
+    _pair(source, destination)
+    assert sorted(pair.src.scheduler.requests) == ["m0", "m2", "short"]
+    pair.finish()
+    assert {pair.last_from[r] for r in ("m0", "m2", "short")} == {"src"}
+    pair.assert_exact(llama_dir)
+
+
+def test_a_destination_that_cannot_answer_drops_what_it_took(llama_dir):
+    """The destination adopts the stopped requests but its answer cannot go out: it drops
+    them before any step runs them, the source takes them back; each request is served by
+    exactly one engine, to the last token."""
+    pair = Pair(llama_dir)
+
+    def source(link):
+        migration = MigrationSource(pair.src, link, max_blocks=1000)
+        migration.wait()
+        migration.advance(pair.src)  # stopped
+        with pytest.raises(StageLinkError):
+            migration.wait()
+        migration.abort(pair.src)
+        return migration
+
+    def destination(link):
+        migration = MigrationDestination(pair.dst, link)
+        migration.wait()
+        migration.advance(pair.dst)
+        migration.wait()
+        send = link.send_message
+
+        def broken(message, dst, tensor=None):
+            if isinstance(message, MigrateAnswer):
+                link.close()
+                raise StageLinkError("the link broke")
+            return send(message, dst, tensor)
+
+        link.send_message = broken
+        with pytest.raises(StageLinkError):
+            migration.advance(pair.dst)  # takes them, cannot answer, drops them
+        assert migration.moved == [] and sorted(pair.dst.scheduler.requests) == ["own"]
         return migration
 
     _pair(source, destination)

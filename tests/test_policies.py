@@ -76,6 +76,7 @@ def test_llumnix_balances_by_migration_and_keeps_every_token(model, tmp_path):
     assert metric(metrics, "kunserve:drops_total") == 0
     # whether one instance runs short while the other has room depends on timing; any
     # migration the planner started succeeded (the mechanism: test_migration.py)
+    assert 'kunserve:migrations_total{outcome="ok"}' in metrics
     assert metric(metrics, 'kunserve:migrations_total{outcome="failed"}') == 0
 
 

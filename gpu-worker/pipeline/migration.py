@@ -8,20 +8,23 @@ source, rank 1 the destination), both serving throughout:
    KV blocks), copies out their *full* blocks (every slot written: a full block never changes
    while its request runs) and sends them, one layer per tensor, with a ``MigrateOffer``;
    the destination receives them on a helper thread, then, between two of its steps, reserves
-   blocks (held under a placeholder, so its scheduler cannot hand them out), writes the KV
-   there and answers. While the requests filled more blocks during a copy, the source copies
-   those too, in another round (at most ``MAX_COPY_ROUNDS`` in all), as Llumnix does;
+   blocks (held under a placeholder, so its scheduler cannot hand them out); its helper
+   thread writes the KV there and answers. While the requests
+   filled more blocks during a copy, the source copies those too, in another round (at most
+   ``MAX_COPY_ROUNDS`` in all), as Llumnix does;
 2. final stop: between two of its steps, the source stops the requests that still qualify
    (running, never preempted since they were chosen), keeps their blocks held until the
    answer, and sends their progress, generators and the KV of the blocks past the copied ones
    (the partly filled last block, and any filled during the last copy) with a
    ``MigrateFinal``; the destination takes them between two of its steps and answers. On a
    refusal or a broken link the source takes them back with their KV, which it never let go
-   of.
+   of; a destination that cannot send its answer drops them again before any step runs them
+   (the source, or, if it died, the gateway's resubmission, serves them: never both, unless
+   the answer was sent and the link broke before the source read it).
 
-The engine thread drives it: ``wait`` runs on a helper thread (link I/O only: the sends
-leaving, the peer's next message), ``advance`` between two steps (engine and cache), until
-``done``. A request is stopped only from the source's ``advance`` of stage 2 until the
+The engine thread drives it: ``wait`` runs on a helper thread (the link, and the copies out
+of and into blocks no step touches), ``advance`` between two steps (scheduler and block
+tables), until ``done``. A request is stopped only from the source's ``advance`` of stage 2 until the
 destination's next ``advance``; the bytes copied during that stop are what decoded since the
 last copy (``stop_blocks``), not the request's whole KV (``copied_blocks``).
 """
@@ -37,7 +40,7 @@ from kunserve.worker.engine import LLMEngine
 from kunserve.worker.handover import RequestState
 from kunserve.worker.model_runner import ModelRunner
 from kunserve.worker.pipeline.kv_transfer import pack_blocks, write_blocks
-from kunserve.worker.pipeline.stage_link import StageLink
+from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
 from kunserve.worker.pipeline.stage_messages import MigrateAnswer, MigrateFinal, MigrateOffer
 from kunserve.worker.request import RequestStatus
 
@@ -48,7 +51,8 @@ MAX_COPY_ROUNDS = 4  # copies while decoding, at most, before the stop
 @dataclass
 class MigrationStats:
     requests: int = 0  # moved
-    copied_blocks: int = 0  # sent while the requests decoded on
+    copied_blocks: int = 0  # sent while the requests decoded on (also of ones that then
+    # finished or were preempted, and stayed)
     stop_blocks: int = 0  # sent while they were stopped
     copy_s: float = 0.0  # source: from the copy's start to the destination's answer
     stop_s: float = 0.0  # source: from stopping the requests to the destination's answer
@@ -78,6 +82,9 @@ class MigrationSource:
         self._states: list[RequestState] = []
         self._generators: dict[str, bytes] = {}
         self.copy_rounds = 0
+        self._cache = engine.kv_caches[0]
+        # what the next ``wait`` sends: a message and the blocks whose KV follows it
+        self._outgoing: tuple[MigrateOffer | MigrateFinal, tuple[int, ...]] | None = None
         blocks, scheduler = engine.block_manager, engine.scheduler
         # request id -> (the blocks copied so far, its preemptions when chosen)
         self._copied: dict[str, tuple[list[int], int]] = {}
@@ -91,7 +98,16 @@ class MigrationSource:
         self._copy(engine)
 
     def wait(self) -> None:
-        """Helper thread: the sends leave, the destination answers."""
+        """Helper thread: send the copy (or the stop's rest), the destination answers. The
+        blocks are read here, off the engine's thread: a copy's are full blocks of running
+        requests, which no step writes (one freed and reused meanwhile belongs to a request
+        that no longer moves, whose copy the destination drops); the stop's are held."""
+        message, blocks = self._outgoing
+        self._outgoing = None
+        self.link.send_message(message, 1)
+        if blocks:
+            for tensor in pack_blocks(self._cache, blocks):
+                self.link.send_tensor(tensor, 1)
         self.link.flush()
         self._answer = self.link.recv_message(MigrateAnswer, 1)
 
@@ -125,11 +141,8 @@ class MigrationSource:
         if self.copy_rounds and not any(more.values()):
             return False
         self.copy_rounds += 1
-        self.link.send_message(MigrateOffer(copied={r: len(b) for r, b in more.items()}), 1)
         ahead = tuple(b for table in more.values() for b in table)
-        if ahead:
-            for tensor in pack_blocks(engine.kv_caches[0], ahead):
-                self.link.send_tensor(tensor, 1)
+        self._outgoing = (MigrateOffer(copied={r: len(b) for r, b in more.items()}), ahead)
         for rid, table in more.items():
             self._copied[rid][0].extend(table)
         self.stats.copied_blocks += len(ahead)
@@ -167,13 +180,9 @@ class MigrationSource:
         self.moved = [s.request_id for s in self._states]
         copied = {s.request_id: len(self._copied[s.request_id][0]) for s in self._states}
         rest = tuple(b for s in self._states for b in s.block_table[copied[s.request_id]:])
-        self.link.send_message(MigrateFinal(requests=self._states, generators=self._generators,
-                                            copied=copied), 1)
-        if rest:
-            for tensor in pack_blocks(engine.kv_caches[0], rest):
-                self.link.send_tensor(tensor, 1)
+        self._outgoing = (MigrateFinal(requests=self._states, generators=self._generators,
+                                       copied=copied), rest)
         self.stats.stop_blocks = len(rest)
-        self.stats.copied_blocks = sum(copied.values())
 
     def _release(self, engine: LLMEngine, taken_back: bool) -> None:
         for state in self._states:
@@ -201,13 +210,23 @@ class MigrationDestination:
         g = cache.geometry
         self._slot = (2, g.block_size, g.num_kv_heads, g.head_dim)
         self._layers, self._dtype = g.layers_held, cache.storage.dtype
+        self._cache = cache
         self._message: MigrateOffer | MigrateFinal | None = None
         self._kv: list[torch.Tensor] = []
         self._reserved: dict[str, list[int]] = {}  # request id -> its blocks held here
+        # a copy reserved between two steps, which the next ``wait`` writes and then
+        # accepts: (blocks, KV)
+        self._unwritten: tuple[tuple[int, ...], list[torch.Tensor]] | None = None
 
     def wait(self) -> None:
-        """Helper thread: the source's next message (a copy or the final stop) and the KV
+        """Helper thread: write the last copy into the blocks held for it (no step touches
+        them) and accept it, so the source stops its requests only once their copy is in
+        place; then receive the source's next message (a copy or the final stop) and the KV
         that follows it."""
+        if self._unwritten is not None:
+            write_blocks(self._cache, *self._unwritten)
+            self._unwritten = None
+            self.link.send_message(MigrateAnswer(), 0)
         message = self.link.recv_message(MigrateOffer | MigrateFinal, 0)
         if isinstance(message, MigrateOffer):
             count = sum(message.copied.values())
@@ -223,23 +242,37 @@ class MigrationDestination:
         message, self._message = self._message, None
         if isinstance(message, MigrateOffer):
             error, fresh = self._reserve(engine, message.copied)
-            if error is None and kv:
-                write_blocks(engine.kv_caches[0], fresh, kv)
-            self.link.send_message(MigrateAnswer(error=error), 0)
-            self.stats.copied_blocks += len(fresh)
             if error is not None:
                 self.abort(engine)
                 self.done = True
+                self.link.send_message(MigrateAnswer(error=error), 0)
+                return
+            self._unwritten = (fresh, kv)  # written and accepted by the next ``wait``
+            self.stats.copied_blocks += len(fresh)
             return
         assert message is not None
         error = self._take(engine, message, kv)
-        self.link.send_message(MigrateAnswer(error=error), 0)
         self.done = True
+        try:
+            self.link.send_message(MigrateAnswer(error=error), 0)
+        except StageLinkError:
+            # the source may take them back: serving them here too would repeat their tokens
+            # (if the source died instead, the gateway resubmits its requests)
+            self._give_up(engine)
+            raise
 
     def abort(self, engine: LLMEngine) -> None:
         for rid in self._reserved:
             engine.block_manager.free(_HOLD + rid)
         self._reserved = {}
+
+    def _give_up(self, engine: LLMEngine) -> None:
+        """Drop the requests just taken (their blocks go back), before any step ran them."""
+        runner = engine.runner
+        assert isinstance(runner, ModelRunner)
+        engine.export_requests(self.moved)
+        runner.sampler.export_generators(self.moved)
+        self.moved, self.stats.requests = [], 0
 
     def _reserve(self, engine: LLMEngine, copied: dict[str, int]
                  ) -> tuple[str | None, tuple[int, ...]]:
@@ -291,5 +324,4 @@ class MigrationDestination:
             final.generators, {s.request_id: s.sampling_params for s in final.requests})
         self.moved = list(tables)
         self.stats.requests, self.stats.stop_blocks = len(tables), len(rest)
-        self.stats.copied_blocks = sum(final.copied[rid] for rid in tables)
         return None

@@ -115,7 +115,10 @@ def summarize(spec: MigrateBenchSpec, source: dict, destination: dict) -> dict:
                        "steps_during_copy": src["steps_during_copy"],
                        "copy_rounds": src["copy_rounds"],
                        "max_gap_s": max(gaps) if gaps else 0.0,
-                       "decode_step_s": statistics.median(src["step_s"])})
+                       "decode_step_s": statistics.median(src["step_s"]),
+                       # the destination's longest pause between two steps while the
+                       # migration ran: what it cost its own requests
+                       "dest_pause_s": max(dst["during_s"], default=0.0)})
     return {"spec": asdict(spec), "block_bytes": source["block_bytes"],
             "block_size": source["block_size"], "rounds": rounds}
 
@@ -161,6 +164,7 @@ class _Stepper:
     def __init__(self, engine) -> None:
         self.engine = engine
         self.step_s: list[float] = []
+        self.ends: list[float] = []  # each step's end
         self.last: dict[str, float] = {}  # request id -> its latest token's stamp
         self.first: dict[str, float] = {}  # request id -> its first token's stamp, from now
 
@@ -169,6 +173,7 @@ class _Stepper:
         outputs = self.engine.step()
         now = time.perf_counter()
         self.step_s.append(now - start)
+        self.ends.append(now)
         for out in outputs:
             if out.error:
                 raise RuntimeError(f"request {out.request_id} failed: {out.error}")
@@ -186,6 +191,7 @@ class _Stepper:
         migration = (MigrationSource(engine, link, 1 << 30, live=mode == "live")
                      if rank == 0 else MigrationDestination(engine, link))
         steps_before, steps_during_copy, sent_last = len(self.step_s), 0, {}
+        started = time.perf_counter()
         with ThreadPoolExecutor(1) as helper:  # link waits off the engine's thread
             waiting = helper.submit(migration.wait)
             while not migration.done:
@@ -203,13 +209,20 @@ class _Stepper:
                     self.step()
                 else:
                     time.sleep(0.0002)
+        last = len(self.ends)
         for _ in range(AFTER_STEPS):
             self.step()
+        # the pauses between two steps while it ran, from its start (forming the link is the
+        # prepare phase, off the engine's thread in a worker) to the first step after it:
+        # what the destination's own requests waited between two tokens
+        ends = [started, *self.ends[steps_before:last + 1]]
+        during = [b - a for a, b in zip(ends, ends[1:], strict=False)]
         link.close()
         if rank == 1:
-            return {"mode": mode, "step_s": self.step_s,
+            return {"mode": mode, "step_s": self.step_s, "during_s": during,
                     "first_token": {rid: self.first[rid] for rid in migration.moved}}
-        return {"mode": mode, "step_s": self.step_s, "moved": list(migration.moved),
+        return {"mode": mode, "step_s": self.step_s, "during_s": during,
+                "moved": list(migration.moved),
                 "stats": asdict(migration.stats), "steps_during_copy": steps_during_copy,
                 "copy_rounds": migration.copy_rounds,
                 "last_token": {rid: sent_last[rid] for rid in migration.moved}}
@@ -223,12 +236,12 @@ def _print_table(r: dict) -> None:
           f"a block holds {r['block_size']} tokens, {r['block_bytes'] / 1e3:.0f} kB")
     print(f"{'round':>5} {'mode':>14} {'moved':>5} {'blocks: ahead':>13} {'in stop':>7} "
           f"{'stop MB':>7} {'stop ms':>7} {'max gap ms':>10} {'copies':>6} {'steps in copy':>13} "
-          f"{'step ms':>7}")
+          f"{'step ms':>7} {'dest pause':>10}")
     for i, x in enumerate(r["rounds"]):
         print(f"{i:>5} {x['mode']:>14} {x['moved']:>5} {x['copied_blocks']:>13} "
               f"{x['stop_blocks']:>7} {x['stop_mb']:>7.2f} {1e3 * x['stop_s']:>7.1f} "
               f"{1e3 * x['max_gap_s']:>10.1f} {x['copy_rounds']:>6} {x['steps_during_copy']:>13} "
-              f"{1e3 * x['decode_step_s']:>7.1f}")
+              f"{1e3 * x['decode_step_s']:>7.1f} {1e3 * x['dest_pause_s']:>10.1f}")
     for mode in MODES:
         rows = [x for x in r["rounds"] if x["mode"] == mode and x["moved"]]
         if not rows:
@@ -240,4 +253,7 @@ def _print_table(r: dict) -> None:
     print("stop: the source, from stopping the requests to the destination's answer (the "
           "destination takes them between two of its steps); max gap: the longest wait of a "
           "moved request between its last token at the source and its first at the "
-          "destination")
+          "destination; step ms: the source's median step; dest pause: the destination's "
+          "longest time between two steps while the migration ran, a token gap of its own "
+          "requests (the copies run on helper threads beside the steps, on the same cores; "
+          "the stop's rest is written between two steps)")
