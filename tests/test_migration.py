@@ -30,10 +30,16 @@ class Pair:
     """A source engine with three requests (``short`` finishes during the copy) and a
     destination engine serving one of its own, both a few steps in."""
 
-    def __init__(self, model_dir: str, dest_seqs: int = 128) -> None:
+    def __init__(self, model_dir: str, dest_seqs: int = 128,
+                 dest_blocks: int | None = None) -> None:
         self.src = LLMEngine(EngineConfig(model=model_dir, block_size=BLOCK))
+        budget = None
+        if dest_blocks is not None:  # a budget whose KV cache holds that many blocks
+            memory = self.src.memory
+            budget = memory.parameter_bytes + memory.reserve_bytes + (
+                dest_blocks * memory.block_bytes)
         self.dst = LLMEngine(EngineConfig(model=model_dir, block_size=BLOCK,
-                                          max_num_seqs=dest_seqs))
+                                          max_num_seqs=dest_seqs, memory_per_instance=budget))
         prompts = make_prompts(4, vocab=500, lengths=[37, 20, 50, 9])
         self.prompts = dict(zip(["m0", "short", "m2", "own"], prompts, strict=True))
         self.max_tokens = {"m0": MAX_TOKENS, "short": 6, "m2": MAX_TOKENS, "own": MAX_TOKENS}
@@ -141,6 +147,31 @@ def test_a_destination_with_no_room_refuses_and_the_source_serves_on(llama_dir):
         pair.dst.block_manager.block_table("own"))
     pair.finish()
     assert pair.last_from["m0"] == "src"
+    pair.assert_exact(llama_dir)
+
+
+@pytest.mark.parametrize(("dest_blocks", "copied", "moved"), [
+    (14, 0, []),  # no room for the copy and a block for its own request to grow: refused
+    (15, 12, []),  # room for the copy, then not for the rest at the stop: refused there
+    (None, 12, ["m0", "m2", "short"])])
+def test_a_destination_refuses_what_would_leave_its_own_requests_no_block(
+        llama_dir, dest_blocks, copied, moved):
+    """The first copy needs 12 blocks (4 + 2 + 6 full ones) and the stop 3 more (each
+    request's last block); the destination's own request holds 2 and keeps a free one to grow
+    into. Refused at either stage, the requests stay with the source, nothing stays held."""
+    pair = Pair(llama_dir, dest_blocks=dest_blocks)
+
+    def run(migration, engine):
+        while not migration.done:
+            migration.wait()
+            migration.advance(engine)
+        return migration
+
+    src, dst = _pair(lambda link: run(MigrationSource(pair.src, link, 1000), pair.src),
+                     lambda link: run(MigrationDestination(pair.dst, link), pair.dst))
+    assert sorted(src.moved) == sorted(dst.moved) == moved
+    assert src.stats.copied_blocks == 12 and dst.stats.copied_blocks == copied  # sent, taken
+    pair.finish()
     pair.assert_exact(llama_dir)
 
 

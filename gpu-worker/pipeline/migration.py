@@ -282,7 +282,7 @@ class MigrationDestination:
         new = [rid for rid in copied if rid not in self._reserved]
         if new and len(scheduler.running) + len(new) > scheduler.config.max_num_seqs:
             return "the destination runs as many requests as it may", ()
-        if sum(copied.values()) > blocks.num_free:
+        if sum(copied.values()) + _headroom(engine) > blocks.num_free:
             return "the destination has no room", ()
         fresh: list[int] = []
         for rid, count in copied.items():
@@ -303,8 +303,8 @@ class MigrationDestination:
             self.abort(engine)
             return f"the destination already serves request(s) {known}"
         new = sum(len(s.block_table) - final.copied[s.request_id] for s in final.requests)
-        if new > blocks.num_free or (len(scheduler.running) + len(final.requests)
-                                     > scheduler.config.max_num_seqs):
+        seqs = len(scheduler.running) + len(final.requests)
+        if new + _headroom(engine) > blocks.num_free or seqs > scheduler.config.max_num_seqs:
             self.abort(engine)
             return "the destination has no room for the requests any more"
         tables, rest = {}, []
@@ -325,3 +325,9 @@ class MigrationDestination:
         self.moved = list(tables)
         self.stats.requests, self.stats.stop_blocks = len(tables), len(rest)
         return None
+
+
+def _headroom(engine: LLMEngine) -> int:
+    """Free blocks a destination keeps for its own requests: one each, so that taking others
+    does not make it preempt one of its own at its next block."""
+    return len(engine.scheduler.running)
