@@ -204,11 +204,18 @@ class LLMEngine:
         self.scheduler.waiting.clear()
         return requests
 
-    def adopt_requests(self, states: list[RequestState], tables: dict[str, list[int]]) -> None:
-        """Take over requests exported elsewhere; ``tables``: their blocks here."""
+    def adopt_requests(self, states: list[RequestState], tables: dict[str, list[int]],
+                       first: bool = False) -> None:
+        """Take over requests exported elsewhere; ``tables``: their blocks here. ``first``:
+        they were admitted before every request here (a drop's requests whose KV arrived
+        while the group served newer ones), so they go ahead of them."""
         self.block_manager.adopt({s.request_id: tables[s.request_id] for s in states})
+        self.scheduler.adopt_all([import_request(s) for s in states], first=first)
+        self.resume_detokenizers(states)
+
+    def resume_detokenizers(self, states: list[RequestState]) -> None:
+        """Carry on each request's text where its state left it."""
         for state in states:
-            self.scheduler.adopt(import_request(state))
             if state.detokenizer is not None and self.tokenizer is not None:
                 self._detokenizers[state.request_id] = IncrementalDetokenizer.resume(
                     self.tokenizer, state.detokenizer)

@@ -12,7 +12,9 @@ give-back became a thread switch (measured on the tiny model: decode steps ~0.3 
 100 us of the loop's work, and every token waited for the loop's thread to wake up).
 
 Reconfiguration (``GroupCommand``) also runs here, between two steps: joining a pipeline group
-(``reconfigure.drop``), restoring it, falling back to solo when the group breaks, and the
+(``reconfigure.drop``; its KV exchange ends on a helper thread while the group serves, which
+wakes this loop to run the requests whose KV it moved, ``reconfigure.complete_drop``),
+restoring it, falling back to solo when the group breaks, and the
 llumnix policy's live migrations (``migration.py``: a task whose link waits run on a helper
 thread, so the steps go on while the KV moves). The
 leader of a group keeps this loop (its engine's runner is the pipeline's); another member runs
@@ -118,6 +120,11 @@ class GroupCommand:
 
 
 @dataclass
+class ExchangeDone:
+    """From a drop's exchange thread: the KV is in place (or the group broke)."""
+
+
+@dataclass
 class AddCommand:
     request_id: str
     prompt_token_ids: list[int]
@@ -163,6 +170,7 @@ class EngineThread:
         self._stage_task: asyncio.Task | None = None  # a follower's stage loop
         self._restoring: asyncio.Task | None = None  # a leader's restore
         self._migrations: set[asyncio.Task] = set()  # live migrations (the llumnix policy)
+        self._joining: GroupCommand | None = None  # a leader's join, done when the KV is
         self._hold_steps = False
 
     def start(self) -> Future:
@@ -171,7 +179,7 @@ class EngineThread:
         self._thread.start()
         return self._ready
 
-    def add(self, command: AddCommand | AbortCommand | GroupCommand) -> None:
+    def add(self, command: AddCommand | AbortCommand | GroupCommand | ExchangeDone) -> None:
         """From any thread (after ``start`` resolved). Dropped once the thread has stopped."""
         try:
             self._loop.call_soon_threadsafe(self._inbox.put_nowait, command)
@@ -243,11 +251,17 @@ class EngineThread:
         return max(0.0, period / 1000 - since)
 
     async def _apply(self, engine: LLMEngine,
-                     command: AddCommand | AbortCommand | GroupCommand) -> None:
+                     command: AddCommand | AbortCommand | GroupCommand | ExchangeDone) -> None:
         if isinstance(command, GroupCommand):
             await self._reconfigure(engine, command)
             return
+        if isinstance(command, ExchangeDone):
+            await self._complete_drop(engine)
+            return
         if isinstance(command, AbortCommand):
+            exchange = self._membership.exchange if self._membership is not None else None
+            if exchange is not None:  # held while its KV moves: never adopted
+                exchange.cancel(command.request_id)
             engine.abort_request(command.request_id)
             await self._outlet.emit(Aborted(command.request_id, command.error))
             return
@@ -310,7 +324,11 @@ class EngineThread:
             logger.warning("%s failed: %s", command.kind, exc)
             command.done.set_exception(exc)
         else:
-            command.done.set_result(phases)
+            if self._membership is not None and self._membership.exchange is not None and (
+                    self._membership.link.is_leader):
+                self._joining = command  # done once the KV is in place (``_complete_drop``)
+            else:
+                command.done.set_result(phases)
         self._dirty = True
 
     async def _run_restore(self, engine: LLMEngine, command: GroupCommand) -> None:
@@ -329,12 +347,13 @@ class EngineThread:
             raise ValueError(f"already in group {self.role.group_id}")
         before = set(engine.scheduler.requests)
         try:
-            membership = reconfigure.drop(engine, link, group_id, layer_link)
+            membership = reconfigure.drop(engine, link, group_id, layer_link,
+                                          on_exchanged=lambda: self.add(ExchangeDone()))
         except reconfigure.GroupFailed:  # solo again; the leader kept every request
             await self._announce_moves(engine, before)
             raise
         self._membership = membership
-        await self._announce_moves(engine, before)
+        await self._announce_moves(engine, before, membership.exchange)
         layers = membership.layers
         await self._set_role(Role("pipelined", group_id, link.rank, layers.start, layers.end))
         if membership.stage_runner is not None:
@@ -381,14 +400,38 @@ class EngineThread:
                 finally:
                     self._hold_steps = False
 
-    async def _announce_moves(self, engine: LLMEngine, before: set[str]) -> None:
-        """Tell the outlet which requests left and which arrived since ``before``."""
-        now = engine.scheduler.requests
+    async def _announce_moves(self, engine: LLMEngine, before: set[str],
+                              exchange: reconfigure.KVExchange | None = None) -> None:
+        """Tell the outlet which requests left and which arrived since ``before`` (those a
+        drop holds until their KV is in place arrived too)."""
+        now = {rid: _adopted(r) for rid, r in engine.scheduler.requests.items()}
+        for rid, state in (exchange.held.items() if exchange is not None else ()):
+            now[rid] = Adopted(rid, len(state.prompt_token_ids), len(state.output_token_ids))
         if before - set(now):
             await self._outlet.emit(HandedOff(sorted(before - set(now))))
-        for rid, request in now.items():
+        for rid, adopted in now.items():
             if rid not in before:
-                await self._outlet.emit(_adopted(request))
+                await self._outlet.emit(adopted)
+
+    async def _complete_drop(self, engine: LLMEngine) -> None:
+        """Leader: the drop's KV exchange is over; serve its requests, or solo again."""
+        membership, command = self._membership, self._joining
+        if membership is None or not membership.link.is_leader:
+            return  # a follower's exchange needs nothing here; a fallen-back one is solo
+        self._joining = None
+        try:
+            reconfigure.complete_drop(engine, membership)
+        except reconfigure.GroupFailed as exc:  # solo, every request requeued
+            self._membership = None
+            logger.warning("group %s broke during the KV exchange: %s", membership.group_id,
+                           exc)
+            await self._set_role(Role())
+            if command is not None:
+                command.done.set_exception(exc)
+        else:
+            if command is not None:
+                command.done.set_result(membership.phases)
+        self._dirty = True
 
     async def _serve_stage(self, engine: LLMEngine, membership: reconfigure.Membership) -> None:
         """A follower: run the stage loop on a helper thread (this loop stays free to report
@@ -427,6 +470,12 @@ class EngineThread:
         membership = self._membership
         if membership is None or not membership.link.is_leader:
             raise ValueError("only a group's leader restores it")
+        exchange = membership.exchange
+        if exchange is not None and not exchange.adopted:  # the drop's KV first
+            await asyncio.to_thread(exchange.wait)
+            await self._complete_drop(engine)
+            if self._membership is not membership:
+                raise StageLinkError("the group broke during the drop's KV exchange")
         reconfigure.plan_restore(engine, membership)  # ValueError: does not fit, stays as is
         if membership.layer_link is not None and membership.pulled is None:
             # once per group: the members' pull runs once too (a refused restore keeps it)
@@ -464,6 +513,9 @@ class EngineThread:
     async def _fall_back(self, engine: LLMEngine, exc: Exception) -> None:
         membership, self._membership = self._membership, None
         requeued = reconfigure.fall_back(engine, membership)
+        if self._joining is not None:  # the drop's exchange never completed
+            self._joining.done.set_exception(reconfigure.GroupFailed(str(exc)))
+            self._joining = None
         logger.warning("group %s broke (%s): serving solo, %d requests requeued",
                        membership.group_id, exc, requeued)
         await self._set_role(Role())

@@ -100,6 +100,22 @@ class Scheduler:
         else:
             self.waiting.append(request)
 
+    def adopt_all(self, requests: list[Request], first: bool = False) -> None:
+        """``adopt`` each, in order; ``first``: ahead of every request here (they were
+        admitted earlier), so a newer request is preempted before any of them."""
+        if not first:
+            for request in requests:
+                self.adopt(request)
+            return
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids) or any(rid in self.requests for rid in ids):
+            raise ValueError("adopted request ids repeat or are already in the engine")
+        self.requests.update(zip(ids, requests, strict=True))
+        self.running[0:0] = [r for r in requests if r.status == RequestStatus.RUNNING]
+        self.waiting.extendleft(reversed([r for r in requests
+                                          if r.status != RequestStatus.RUNNING]))
+        self._plan.clear()
+
     def forget_plan(self) -> None:
         """Requests left by other means than ``finish_request``: plan lookahead afresh."""
         self._plan.clear()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import queue
 from functools import cache
 from pathlib import Path
 
@@ -65,3 +66,28 @@ def make_prompts(n: int, vocab: int, seed: int = 0, lengths: list[int] | None = 
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def collect_members(results, processes, finals: int, solos: int) -> tuple[dict, list]:
+    """What spawned group members put on ``results``: a ``(rank, "solo", tokens, _)`` message
+    each before reconfiguring (``solos`` of them, by rank), then ``finals`` final messages
+    ``(rank, tokens, report, error)``. Fails the test when one is missing after 240 s or a
+    member reported an error; every process is joined (killed if it lingers)."""
+    solo, got = {}, []
+    try:
+        while len(solo) < solos or len(got) < finals:
+            message = results.get(timeout=240)
+            if message[1] == "solo":
+                solo[message[0]] = message[2]
+            else:
+                got.append(message)
+    except queue.Empty:
+        pytest.fail("a member did not finish within 240 s")
+    finally:
+        for process in processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+    errors = [error for *_, error in got if error]
+    assert not errors, "\n".join(errors)
+    return solo, got

@@ -10,7 +10,6 @@ every number is back to its solo value. ``test_mesh_drop.py`` does the same thro
 from __future__ import annotations
 
 import datetime
-import queue
 from collections import defaultdict
 
 import pytest
@@ -21,7 +20,7 @@ from kunserve.worker.engine import EngineConfig, LLMEngine
 from kunserve.worker.instance_memory import kv_geometry
 from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.sampling_params import SamplingParams
-from tests.conftest import hf_greedy, make_prompts
+from tests.conftest import collect_members, hf_greedy, make_prompts
 
 HOST = "127.0.0.1"
 MAX_TOKENS = 20
@@ -135,24 +134,7 @@ def run_group(model: str, size: int, prompts: list[list[int]], steps=(3, 4),
                  for r in range(size)]
     for process in processes:
         process.start()
-    solo_tokens: dict[int, dict[str, list[int]]] = {}
-    got = []
-    try:
-        while len(solo_tokens) < size or len(got) < size - (dies is not None):
-            message = results.get(timeout=240)
-            if message[1] == "solo":
-                solo_tokens[message[0]] = message[2]
-            else:
-                got.append(message)
-    except queue.Empty:
-        pytest.fail("a member did not finish within 240 s")
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-    errors = [error for *_, error in got if error]
-    assert not errors, "\n".join(errors)
+    solo_tokens, got = collect_members(results, processes, size - (dies is not None), size)
     by_rank = {rank: (tokens, report) for rank, tokens, report, _ in sorted(got)}
     merged: dict[str, list[int]] = defaultdict(list)
     for tokens in solo_tokens.values():

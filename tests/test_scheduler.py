@@ -239,6 +239,27 @@ def test_max_num_seqs_caps_running():
 
 
 # -- preemption ------------------------------------------------------------------------------
+def test_requests_adopted_first_go_ahead_and_are_preempted_last():
+    """A drop's held requests join after the group served newer ones: they go first, so when
+    blocks run out the newer request is the one preempted."""
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    new = add_all(sched, [make_request("new", prompt_len=4, max_tokens=4, base=3000)])[0]
+    step(sched, {"new": 31})  # 1 block, running
+    old = make_request("old", prompt_len=8, max_tokens=4, base=1000, ignore_eos=True)
+    old.output_token_ids, old.num_computed_tokens = [11], 8  # its 9th token is not computed
+    old.status = RequestStatus.RUNNING
+    sched.block_manager.adopt({"old": [1, 2]})
+    sched.adopt_all([old], first=True)
+    assert [r.request_id for r in sched.running] == ["old", "new"]
+    with pytest.raises(ValueError, match="already in the engine"):
+        sched.adopt_all([make_request("new")], first=True)
+    # 1 block free: old takes it for its 9th token; new, which needs a 2nd block for its
+    # 5th token, is preempted (adopted last, old would have been)
+    out, _ = step(sched, {"old": 12})
+    assert scheduled_ids(out) == ["old"] and out.preempted == ["new"]
+    assert new.status == RequestStatus.WAITING and old.output_token_ids == [11, 12]
+
+
 def test_preempts_most_recently_admitted_and_recomputes_prompt_plus_output():
     sched = make_scheduler(num_blocks=4, block_size=4)
     a = make_request("a", prompt_len=8, max_tokens=3, base=1000, ignore_eos=True)

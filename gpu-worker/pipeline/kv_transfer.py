@@ -19,8 +19,14 @@ sends to one peer and receives from one, and each sender's first message is its 
    are still arriving.
 
 Packing everything before any write makes the order of writes irrelevant; no member ever
-waits on a peer before its own sends are posted, so no pair waits on each other. Nothing else
-runs on the link meanwhile: the group is not serving during a move.
+waits on a peer before its own sends are posted, so no pair waits on each other.
+
+Steps 1-3 are ``start_move``, step 4 is ``KVMove.finish``. ``move_kv`` runs both while the
+group is not serving. A drop runs them apart (``reconfigure.drop``): 1-3 on the engine thread
+with nothing else running, then 4 on a helper thread while the group already serves; it moves
+the KV over the epoch's second link, so an activation never queues behind a KV chunk. Since
+every member posted all its sends and receives in 1-3, a ``finish`` only ever waits for bytes
+a live peer has already queued: it cannot wait on another member's helper thread.
 """
 
 from __future__ import annotations
@@ -65,7 +71,6 @@ def exchange_order(pieces: list[KVPiece], rank: int,
     return outgoing, incoming
 
 
-@torch.inference_mode()
 def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPiece],
             geometry: KVGeometry, num_blocks: int, layer_start: int,
             staging: list[torch.Tensor] | None = None) -> MoveStats:
@@ -74,6 +79,17 @@ def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPi
     packed and received slices may use, already-touched pages where fresh buffers would pay a
     page fault per page (a drop passes the parameters it is freeing, a restore the free
     blocks past what the solo geometry uses); none of it may overlap a block being moved."""
+    return start_move(cache, link, rank, pieces, geometry, num_blocks, layer_start,
+                      staging).finish()
+
+
+@torch.inference_mode()
+def start_move(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPiece],
+               geometry: KVGeometry, num_blocks: int, layer_start: int,
+               staging: list[torch.Tensor] | None = None) -> KVMove:
+    """Steps 1-3 of ``move_kv`` (same arguments): when this returns, every receive and send of
+    this member is posted, ``cache`` has its new geometry and the local slices are in place;
+    ``finish`` (on any one thread) waits for the slices from the peers."""
     start, cpu_start = time.perf_counter(), time.process_time()
     stats = MoveStats()
     buffers = _Staging(staging or [])
@@ -109,18 +125,36 @@ def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPi
                                  strict=True):
             rows.scatter(cache.layer_blocks(layer), tensor)
             stats.bytes_copied += tensor.nbytes
-    del local, packed
-    rows_of: dict[int, _Rows] = {}
-    for piece, layer, buffer in receives:
-        rows = rows_of.setdefault(id(piece), _Rows(piece.dst_blocks))
-        rows.scatter(cache.layer_blocks(layer), buffer)
-        stats.bytes_received += buffer.nbytes
-    if link is not None:
-        link.flush()
-    stats.started_at, stats.ended_at = start, time.perf_counter()
-    stats.seconds = stats.ended_at - start
-    stats.cpu_seconds = time.process_time() - cpu_start
-    return stats
+    stats.started_at = start
+    return KVMove(cache, link, receives, stats, cpu_start)
+
+
+class KVMove:
+    """A move whose sends are posted and whose slices from the peers are on their way."""
+
+    def __init__(self, cache: KVCache, link: StageLink | None, receives: _Receives,
+                 stats: MoveStats, cpu_start: float) -> None:
+        self._cache, self._link, self._receives = cache, link, receives
+        self.stats, self._cpu_start = stats, cpu_start
+
+    @torch.inference_mode()
+    def finish(self) -> MoveStats:
+        """Wait for each slice from the peers and write it into its blocks, then for this
+        member's sends; raises ``StageLinkError`` when a peer died or hung. ``cpu_seconds``
+        counts the whole process's CPU time (every thread: gloo's, a serving one's)."""
+        stats, cache = self.stats, self._cache
+        rows_of: dict[int, _Rows] = {}
+        for piece, layer, buffer in self._receives:
+            rows = rows_of.setdefault(id(piece), _Rows(piece.dst_blocks))
+            rows.scatter(cache.layer_blocks(layer), buffer)
+            stats.bytes_received += buffer.nbytes
+        self._receives = None  # its buffers (staging: the freed parameters) can go
+        if self._link is not None:
+            self._link.flush()
+        stats.ended_at = time.perf_counter()
+        stats.seconds = stats.ended_at - stats.started_at
+        stats.cpu_seconds = time.process_time() - self._cpu_start
+        return stats
 
 
 def _slot(geometry: KVGeometry) -> tuple[int, ...]:

@@ -8,9 +8,13 @@ over the epoch's ``StageLink``: all members of the group call the same function.
 (``LlamaStage.narrow``: the other layers' tensors are freed with the old stage), re-reads its KV
 range with the thinner geometry and grows into the freed bytes (``KVCache.reshape``), and the
 members exchange the KV slices of the layers they no longer hold (``group_layout.drop_layout``,
-``kv_transfer.move_kv``). The leader adopts every request with its new block table and serves
-the group (``LeaderRunner``); the others serve their stage (``StageRunner``), the last one with
-the seeded generators of every request.
+``kv_transfer``). The leader adopts every request with its new block table and serves the
+group (``LeaderRunner``); the others serve their stage (``StageRunner``), the last one with
+the seeded generators of every request. With the epoch's second link, the exchange overlaps
+serving: every member posts its sends and receives before the group serves, the slices land
+on a helper thread (``KVExchange``) while the group serves the requests that hold no KV yet,
+and the leader holds the others (their blocks under a placeholder) until every member reports
+its slices written (``KVInPlace``, then ``complete_drop``).
 
 ``restore``: first every member pulls the layers it dropped from the peers that hold them
 (``pull_layers``, over the epoch's second link, on a helper thread while the group keeps
@@ -31,7 +35,9 @@ Where its job ends: it does not decide when to reconfigure (the planner does) or
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import msgspec
@@ -52,13 +58,14 @@ from kunserve.worker.memory_budget import MemoryPlan, plan_memory
 from kunserve.worker.model.llama import LlamaStage
 from kunserve.worker.model_config import ModelConfig
 from kunserve.worker.model_runner import ModelRunner
-from kunserve.worker.pipeline.kv_transfer import MoveStats, move_kv
+from kunserve.worker.pipeline.kv_transfer import KVMove, MoveStats, move_kv, start_move
 from kunserve.worker.pipeline.leader_runner import LeaderRunner
 from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError, close_in_background
 from kunserve.worker.pipeline.stage_messages import (
     BeginRestore,
     DropHello,
     DropWelcome,
+    KVInPlace,
     LayersPulled,
     PullLayers,
     RestoreCommit,
@@ -86,18 +93,101 @@ class Membership:
     layer_link: StageLink | None = None
     pulled: LlamaStage | None = None  # the whole model, pulled back for a restore
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    kv_moved: MoveStats | None = None
+    exchange: KVExchange | None = None  # a drop's KV exchange overlapped with serving
+    moved: MoveStats | None = None  # a drop's KV exchange that ran before serving
 
     @property
     def rank(self) -> int:
         return self.link.rank
 
+    @property
+    def kv_moved(self) -> MoveStats | None:
+        """What the drop's KV exchange moved (None while an overlapped one runs)."""
+        return self.exchange.stats if self.exchange is not None else self.moved
+
+
+_HOLD = "exchanging/"  # block-table key prefix of a held request's blocks on the leader
+
+
+class KVExchange:
+    """The second half of a drop's KV exchange (``KVMove.finish``) on a helper thread while
+    the group serves, then the report to the leader: every member sends ``KVInPlace`` on the
+    layer link, the leader's thread waits for all of them. ``on_done`` (any thread) is called
+    once it is over, either way. On the leader, ``held`` are the requests whose KV is moving:
+    ``complete_drop`` adopts them once it is over."""
+
+    def __init__(self, move: KVMove, link: StageLink, held: list[RequestState],
+                 phases: dict[str, float], on_done: Callable[[], None] | None,
+                 started_at: float) -> None:
+        self.held = {s.request_id: s for s in held}
+        self.cancelled: set[str] = set()  # aborted while held: dropped, not adopted
+        self.adopted = False
+        self.stats: MoveStats | None = None
+        self.error: str | None = None
+        self._move, self._link, self._phases, self._on_done = move, link, phases, on_done
+        self._started_at = started_at  # the drop's (its ``total`` phase ends here)
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kv-exchange", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        link = self._link
+        try:
+            self.stats = self._move.finish()
+            self._move = None
+            self._phases["exchange"] = self.stats.seconds
+            if link.is_leader:
+                for rank in range(1, link.size):
+                    report = link.recv_message(KVInPlace, rank)
+                    if report.error:
+                        raise StageLinkError(f"rank {rank}: {report.error}")
+            else:
+                link.send_message(KVInPlace(), 0)
+                link.flush()
+            self._phases["total"] = time.perf_counter() - self._started_at
+        except Exception as exc:  # noqa: BLE001 - the group cannot go on; the leader falls back
+            self._move = None
+            self.error = str(exc) or type(exc).__name__
+            if not link.is_leader:
+                try:
+                    link.send_message(KVInPlace(error=self.error), 0)
+                    link.flush()
+                except StageLinkError:
+                    pass
+        finally:
+            self._done.set()
+            if self._on_done is not None:
+                self._on_done()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def cancel(self, request_id: str) -> bool:
+        """Leader: an abort of a held request (True if it was held and not adopted yet)."""
+        if self.adopted or request_id not in self.held:
+            return False
+        self.cancelled.add(request_id)
+        return True
+
+    def unadopted(self) -> list[RequestState]:
+        """Held requests that were neither adopted nor aborted."""
+        if self.adopted:
+            return []
+        return [s for rid, s in self.held.items() if rid not in self.cancelled]
+
 
 # -- drop ---------------------------------------------------------------------------------------
 def drop(engine: LLMEngine, link: StageLink, group_id: str,
-         layer_link: StageLink | None = None) -> Membership:
+         layer_link: StageLink | None = None,
+         on_exchanged: Callable[[], None] | None = None) -> Membership:
     """Turn this solo engine into member ``link.rank`` of the group (collective).
-    ``layer_link``: the same members' second link (``pull_layers`` overlaps with serving)."""
+    ``layer_link``: the same members' second link; with it the KV exchange overlaps with
+    serving (``membership.exchange``; on the leader call ``complete_drop`` once it is done,
+    which ``on_exchanged`` signals from its helper thread) and so does ``pull_layers``.
+    Without it the exchange is over when this returns."""
     start = time.perf_counter()
     engine_outputs = engine.drain()
     if engine_outputs:  # a solo engine runs one step at a time: nothing is ever left here
@@ -141,28 +231,77 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     executor = StageExecutor(stage, cache)
     membership = Membership(link, group_id, layers, solo_memory, phases=phases,
                             layer_link=layer_link)
-    # the leader owns every request from here on: if the group breaks, it recomputes them
+    # the leader owns every request from here on: if the group breaks, it recomputes them;
+    # with an overlapped exchange, those whose KV moves wait for it (held)
+    overlap = layer_link is not None
+    held = [msgspec.structs.replace(s, block_table=list(layout.tables[s.request_id]))
+            for s in requests if overlap and layout.tables[s.request_id]]
     if link.is_leader:
         engine.install(LeaderRunner(executor, link, depth=size), memory)
-        engine.adopt_requests(requests, layout.tables)
+        _hold(engine, held)
+        moving = {s.request_id for s in held}
+        engine.adopt_requests([s for s in requests if s.request_id not in moving],
+                              layout.tables)
     else:
         engine.install(None, memory)
     phases["free"] = time.perf_counter() - start - phases["handover"]
     try:
-        membership.kv_moved = move_kv(cache, link, rank, layout.pieces, geometry,
-                                      layout.num_blocks, layers.start, staging)
+        move = start_move(cache, layer_link or link, rank, layout.pieces, geometry,
+                          layout.num_blocks, layers.start, staging)
+        del staging  # the move keeps what it still uses
+        if overlap:
+            membership.exchange = KVExchange(move, layer_link, held, phases, on_exchanged,
+                                             start)
+        else:
+            membership.moved = move.finish()
+            phases["exchange"] = membership.moved.seconds
     except StageLinkError as exc:
-        fall_back(engine, membership)
+        fall_back(engine, membership, held)
         raise GroupFailed(f"the group broke during the KV exchange: {exc}") from None
-    phases["exchange"] = membership.kv_moved.seconds
     if not link.is_leader:
         sampler = None
         if link.is_last:
             sampler = RequestSampler(cache.storage.device)
             sampler.import_generators(welcome.generators, welcome.generator_params)
         membership.stage_runner = StageRunner(link, executor, model, sampler)
-    phases["total"] = time.perf_counter() - start
+    if not overlap:
+        phases["total"] = time.perf_counter() - start
     return membership
+
+
+def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
+    """Leader: keep the blocks of requests whose KV is moving (their group block tables)
+    from the scheduler, with one more free block each, so that the newer requests the group
+    serves meanwhile leave room for their next token."""
+    blocks = engine.block_manager
+    blocks.adopt({_HOLD + s.request_id: s.block_table for s in held})
+    for state in held:
+        blocks.allocate(_HOLD + state.request_id,
+                        (len(state.block_table) + 1) * blocks.block_size)
+    engine.resume_detokenizers(held)  # an abort or a fallback finds them like the others
+
+
+def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
+    """Leader, between two steps, once ``membership.exchange`` is done (it waits otherwise):
+    the held requests join the scheduler, ahead of those it took meanwhile. Returns their ids.
+    When the exchange failed, falls back to solo (every request requeued) and raises
+    ``GroupFailed``. Does nothing when there is nothing to complete."""
+    exchange = membership.exchange
+    if exchange is None or exchange.adopted:
+        return []
+    exchange.wait()
+    if exchange.error is not None:
+        fall_back(engine, membership)
+        raise GroupFailed(f"the group broke during the KV exchange: {exchange.error}")
+    blocks = engine.block_manager
+    for rid in exchange.held:
+        blocks.free(_HOLD + rid)
+    states = exchange.unadopted()
+    engine.adopt_requests(states, {s.request_id: s.block_table for s in states}, first=True)
+    exchange.adopted = True
+    if exchange.cancelled:  # the last rank forgets their generators with the next batch
+        engine.runner.release(sorted(exchange.cancelled))
+    return [s.request_id for s in states]
 
 
 class GroupFailed(RuntimeError):
@@ -295,6 +434,8 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
     every request (``GroupFailed``)."""
     start = time.perf_counter()
     link, rank = membership.link, membership.link.rank
+    if membership.exchange is not None:  # over everywhere (the leader completed the drop):
+        membership.exchange.wait()        # its thread may still be returning
     if link.is_leader:
         begin.requests = engine.export_requests()
     try:
@@ -402,14 +543,23 @@ def _return_generators(membership: Membership, begin: BeginRestore) -> dict[str,
 
 
 # -- the group broke ----------------------------------------------------------------------------
-def fall_back(engine: LLMEngine, membership: Membership) -> int:
+def fall_back(engine: LLMEngine, membership: Membership,
+              held: list[RequestState] | None = None) -> int:
     """Serve solo again after the group broke: reload the whole model from the checkpoint,
     re-read the KV range with the solo geometry, and put this engine's requests (the leader's:
-    the group's) back in the queue to be recomputed from prompt plus output so far. Returns
-    how many requests it requeued."""
+    the group's, including those a drop still held, ``held`` or its exchange's) back in the
+    queue to be recomputed from prompt plus output so far. Returns how many requests it
+    requeued."""
+    exchange = membership.exchange
+    if exchange is not None:  # it must not write into the cache once it is solo again, and
+        membership.link.close()  # the layer link is its own until it ends
+        if not exchange.wait(exchange_timeout(membership)):
+            logger.error("the KV exchange of group %s did not end", membership.group_id)
+        held = [*(held or []), *exchange.unadopted()]
+        exchange.adopted = True
     _close(membership)
     model, config = engine.model_config, engine.config
-    requests = engine.abandon_requests()
+    requests = engine.abandon_requests() + [import_request(s) for s in held or []]
     engine.stages = [load_stage(config.model, LayerRange.full(model.num_layers), config.dtype)]
     cache = engine.kv_caches[0]
     solo = membership.solo_memory
@@ -417,6 +567,12 @@ def fall_back(engine: LLMEngine, membership: Membership) -> int:
     engine.install(ModelRunner(engine.stages, engine.kv_caches), solo)
     _requeue(engine, requests)
     return len(requests)
+
+
+def exchange_timeout(membership: Membership) -> float:
+    """How long an exchange's helper can wait for a silent peer before its link gives up."""
+    link = membership.layer_link or membership.link
+    return 2 * link.timeout.total_seconds() + 1
 
 
 def _requeue(engine: LLMEngine, requests: list[Request]) -> None:

@@ -312,8 +312,9 @@ class StageLink:
         try:
             return op()
         except RuntimeError as exc:
-            raise StageLinkError(f"epoch {self.epoch}, rank {self.rank}: {what} failed: "
-                                 f"{_first_line(exc)}") from exc
+            raise StageLinkError(f"epoch {self.epoch}, rank {self.rank}: {what} failed (the "
+                                 f"peer died or its connection broke): {_first_line(exc)}"
+                                 ) from exc
 
     def _wait(self, work: dist.Work, what: str, timeout: datetime.timedelta) -> None:
         try:

@@ -22,7 +22,10 @@ Dropping parameters (``reconfigure.py``: solo instances become the group)::
     rank r -> 0     DropHello       its block tables, requests, generators, capacity
     0 -> rank r     DropWelcome     every member's tables and capacity (each derives the same
                                     KV layout), the generators for the last rank
-    then KV slices (``kv_transfer.py``), one layer per tensor
+    then KV slices (``kv_transfer.py``), one layer per tensor: over the serving link while
+    the group is not serving, or over the second link while it serves, and then
+    r -> 0          KVInPlace       on the second link: member r wrote every slice it received
+                                    (or why it could not); the leader then runs the requests
 
 Restoring (the group splits back into solo instances)::
 
@@ -114,6 +117,13 @@ class DropWelcome(msgspec.Struct, tag=True, kw_only=True):
 
 class PullLayers(msgspec.Struct, tag=True, kw_only=True):
     """On the layer link: start pulling the dropped layers back (while the group serves)."""
+
+
+class KVInPlace(msgspec.Struct, tag=True, kw_only=True):
+    """On the layer link, after a drop's exchange: this member wrote every KV slice it
+    received (``error``: it could not; the group is broken)."""
+
+    error: str | None = None
 
 
 class LayersPulled(msgspec.Struct, tag=True, kw_only=True):

@@ -11,7 +11,8 @@ a solo ``LLMEngine`` (default memory budget, ``--threads`` torch threads) servin
 2. solo: the requests prefill, 2 decode steps warm up, ``--steps`` decode steps are timed; each
    member then serves on until every member has finished its window (the commit) and drops
    (``reconfigure.drop``: ``Membership.phases`` handover, free, exchange and the bytes of
-   ``Membership.kv_moved``);
+   ``Membership.kv_moved``). The exchange overlaps serving as in a worker (over the second
+   link), but every request here holds KV, so the leader waits for it (``complete_drop``);
 3. pipelined: the leader times its first ``step()`` after the drop, runs one more round, then
    ``--steps`` × g timed steps (``--steps`` tokens per request); then it restores the way a
    worker does: every member pulls the layers it dropped over the group's second link on a
@@ -381,9 +382,10 @@ class _Member:
         self.store.set(f"tables/{self.rank}", json.dumps(tables))
         membership = reconfigure.drop(engine, link, "bench-group", layer_link)
         report["group_memory"] = engine.memory_report()
-        report["kv_moved"] = asdict(membership.kv_moved)
         with ThreadPoolExecutor(1) as helper:  # pulls the layers back while the group serves
             if link.is_leader:
+                # every request here holds KV: none can run before the exchange is over
+                reconfigure.complete_drop(engine, membership)
                 self.lead(engine)
                 stage = self.serve_while_pulling(engine, membership, helper)
                 begin = reconfigure.plan_restore(engine, membership)
@@ -394,6 +396,7 @@ class _Member:
                     raise RuntimeError("the leader ended the epoch instead of restoring")
                 stage = pulled.result(timeout=TIMEOUT_S)
         reconfigure.restore(engine, membership, begin, stage)
+        report["kv_moved"] = asdict(membership.kv_moved)
         report["phases"] = dict(membership.phases)
         while engine.has_unfinished():
             self.take("restored", engine.step())

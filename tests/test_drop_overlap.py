@@ -1,0 +1,190 @@
+"""A drop whose KV exchange overlaps serving, between real engine processes.
+
+Two spawned processes each serve their own requests solo, then drop into one group with the
+epoch's second link (``reconfigure.drop(..., layer_link)``), as a worker does. Rank 1's half
+of the exchange (``KVMove.finish``) is held back until the leader has served a request that
+was queued at the drop, so the test shows, not hopes, that the group serves while the KV
+moves: the queued request gets its first token while the exchange is still under way and
+while the requests whose KV moves produce nothing. Then every request's tokens, across solo,
+group and solo again, must be exactly transformers' greedy tokens; a request aborted while
+held never runs again and no block stays held. A second test kills rank 1 in its exchange:
+the leader falls back to solo and finishes every request, rank 1's included, with no token
+lost or repeated."""
+
+from __future__ import annotations
+
+import datetime
+from collections import defaultdict
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from kunserve.worker.engine import EngineConfig
+from kunserve.worker.sampling_params import SamplingParams
+from tests.conftest import collect_members, hf_greedy, make_prompts
+
+HOST = "127.0.0.1"
+MAX_TOKENS = 16
+SOLO_STEPS = 4
+PHASES = ("solo", "group", "solo again")
+LLAMA = dict(arch="llama", layers=4, hidden_size=64, heads=4, kv_heads=2,
+             intermediate_size=128, vocab_size=512, seed=5)
+
+
+def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, list[int]],
+                queued: dict[str, list[int]], mode: str, results: mp.Queue) -> None:
+    import os
+
+    from kunserve.worker.engine import LLMEngine
+    from kunserve.worker.pipeline import kv_transfer, reconfigure
+    from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+
+    store = dist.TCPStore(HOST, port, is_master=False, timeout=datetime.timedelta(seconds=60))
+    if rank == 1:  # rank 1's exchange waits for the leader (or dies)
+        finish = kv_transfer.KVMove.finish
+
+        def held_finish(self):
+            if mode == "die":
+                os._exit(1)
+            store.wait(["leader-served"], datetime.timedelta(seconds=60))
+            return finish(self)
+
+        kv_transfer.KVMove.finish = held_finish
+    try:
+        engine = LLMEngine(config)
+        params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        tokens: dict[str, dict[str, list[int]]] = {p: defaultdict(list) for p in PHASES}
+        report: dict = {}
+
+        def take(outputs, phase: str) -> set[str]:
+            for out in outputs:
+                assert out.error is None, out.error
+                tokens[phase][out.request_id] += out.new_token_ids
+            return {out.request_id for out in outputs if out.new_token_ids}
+
+        for rid, prompt in prompts.items():
+            engine.add_request(prompt, params, rid)
+        for _ in range(SOLO_STEPS):
+            take(engine.step(), "solo")
+        results.put((rank, "solo", tokens.pop("solo"), None))  # before rank 1 may die
+        tokens["solo"] = {}
+        link = StageLink(store, rank, 2, epoch=1, timeout_s=60, bind_host=HOST)
+        layer_link = StageLink(dist.PrefixStore("layers", store), rank, 2, epoch=1,
+                               timeout_s=60, bind_host=HOST)
+        if rank == 0:
+            for rid, prompt in queued.items():  # queued at the drop: no KV anywhere
+                engine.add_request(prompt, params, rid)
+        membership = reconfigure.drop(engine, link, "g1", layer_link)
+        if rank == 1:
+            begin = membership.stage_runner.run()
+            if begin is not None:
+                reconfigure.restore(engine, membership, begin)
+            while engine.has_unfinished():
+                take(engine.step(), "solo again")
+            results.put((rank, tokens, report, None))
+            return
+        exchange = membership.exchange
+        held = sorted(exchange.held)
+        report["held"] = held
+        cancelled = held[0]  # aborted while its KV moves
+        assert exchange.cancel(cancelled)
+        engine.abort_request(cancelled)
+        report["cancelled"] = cancelled
+        try:
+            served: set[str] = set()
+            while not set(queued) <= served:
+                emitted = take(engine.step(), "group")
+                report.setdefault("emitted_while_held", set()).update(emitted & set(held))
+                served |= emitted
+            report["exchange_done_when_served"] = exchange.done()
+            store.set("leader-served", "1")
+            adopted = reconfigure.complete_drop(engine, membership)
+            report["adopted"] = sorted(adopted)
+            blocks = engine.block_manager
+            report["held_tables_left"] = [k for k in blocks._tables
+                                          if k.startswith(reconfigure._HOLD)]
+            report["blocks_used"] = blocks.usage().used
+            report["tables_used"] = sum(len(blocks.block_table(r))
+                                        for r in engine.scheduler.requests)
+            for _ in range(6):
+                take(engine.step(), "group")
+            take(engine.drain(), "group")
+            begin = reconfigure.plan_restore(engine, membership)
+            reconfigure.restore(engine, membership, begin)
+        except (StageLinkError, reconfigure.GroupFailed) as exc:
+            report["failed"] = str(exc)
+            if membership.link._group is not None:  # a step found the group broken
+                reconfigure.fall_back(engine, membership)
+        while engine.has_unfinished():
+            take(engine.step(), "solo again")
+        results.put((rank, tokens, report, None))
+    except BaseException as exc:  # noqa: BLE001 - reported to the test
+        import traceback
+
+        results.put((rank, {}, {}, traceback.format_exc() or repr(exc)))
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    from kunserve.tiny_model import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("overlap") / "llama4", **LLAMA))
+
+
+def run_pair(model: str, mode: str):
+    prompts = make_prompts(7, vocab=500, seed=4, lengths=[6, 21, 13, 30, 9, 17, 25])
+    share = {0: {"a0": prompts[0], "a1": prompts[1]},
+             1: {"b0": prompts[2], "b1": prompts[3], "b2": prompts[4]}}
+    queued = {"q0": prompts[5], "q1": prompts[6]}
+    ctx = mp.get_context("spawn")
+    store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=60))
+    results = ctx.Queue()
+    config = EngineConfig(model=model, num_threads=1)
+    processes = [ctx.Process(target=member_main, daemon=True,
+                             args=(store.port, r, config, share[r], queued if r == 0 else {},
+                                   mode, results))
+                 for r in range(2)]
+    for process in processes:
+        process.start()
+    solo, got = collect_members(results, processes, 1 if mode == "die" else 2, 2)
+    merged: dict[str, list[int]] = defaultdict(list)
+    by_phase = [list(solo.values())]
+    by_phase += [[tokens[phase] for _, tokens, _, _ in got] for phase in PHASES[1:]]
+    for per_rank in by_phase:  # in the order they happened; a request is on one rank per phase
+        for tokens in per_rank:
+            for rid, ids in tokens.items():
+                merged[rid] += ids
+    prompt_of = {**share[0], **share[1], **queued}
+    leader = next(report for rank, _, report, _ in got if rank == 0)
+    return merged, prompt_of, leader
+
+
+def test_the_group_serves_queued_requests_while_the_kv_moves(model):
+    merged, prompt_of, leader = run_pair(model, "hold")
+    assert leader["held"] == ["a0", "a1", "b0", "b1", "b2"]  # every one that had KV
+    assert leader["exchange_done_when_served"] is False  # served during the exchange
+    assert not leader.get("emitted_while_held")  # and the held ones waited for their KV
+    cancelled = leader["cancelled"]
+    assert leader["adopted"] == [r for r in leader["held"] if r != cancelled]
+    assert leader["held_tables_left"] == []
+    assert leader["blocks_used"] == leader["tables_used"]  # nothing held, nothing leaked
+    for rid, prompt in prompt_of.items():
+        expected = hf_greedy(model, prompt, MAX_TOKENS)
+        if rid == cancelled:  # its solo tokens, then nothing
+            assert merged[rid] == expected[:SOLO_STEPS], rid
+        else:
+            assert merged[rid] == expected, rid
+
+
+def test_a_member_dying_in_the_overlapped_exchange_loses_no_request(model):
+    merged, prompt_of, leader = run_pair(model, "die")
+    assert "the group broke" in leader["failed"] or "rank 1" in leader["failed"]
+    cancelled = leader["cancelled"]
+    for rid, prompt in prompt_of.items():
+        expected = hf_greedy(model, prompt, MAX_TOKENS)
+        if rid == cancelled:
+            assert merged[rid] == expected[:SOLO_STEPS], rid
+        else:
+            assert merged[rid] == expected, rid
