@@ -1,5 +1,6 @@
 """``kunserve bench drop`` at a tiny size: two real member processes drop into a group, serve
-pipelined and restore; the table has every row and its figures add up (no timing targets)."""
+pipelined and restore, once with the KV exchange overlapping serving and once before it; the
+tables have every row and their figures add up (no timing targets)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ ROWS = ["prepare", "handover", "free", "KV exchange", "drop total",
 
 
 @pytest.fixture(scope="module")
-def drop_run(tmp_path_factory) -> tuple[str, dict]:
+def drop_runs(tmp_path_factory) -> tuple[str, list[dict]]:
     import contextlib
     import io
 
@@ -28,10 +29,18 @@ def drop_run(tmp_path_factory) -> tuple[str, dict]:
     with contextlib.redirect_stdout(text):
         code = main(["bench", "drop", "--model", str(model), "--instances", "2",
                      "--requests-per-instance", "2", "--prompt-len", "12", "--output-len", "32",
-                     "--steps", "3", "--json", str(out)])
+                     "--steps", "3", "--queued-per-instance", "2", "--json",
+                     str(out)])
     assert code == 0, text.getvalue()
-    [result] = json.loads(out.read_text())
-    return text.getvalue(), result
+    results = json.loads(out.read_text())
+    assert [r["exchange_mode"] for r in results] == ["overlapped", "before serving"]
+    return text.getvalue(), results
+
+
+@pytest.fixture(params=[0, 1], ids=["overlapped", "before"])
+def drop_run(drop_runs, request) -> tuple[str, dict]:
+    text, results = drop_runs
+    return text, results[request.param]
 
 
 def test_the_table_has_every_section(drop_run):
@@ -42,8 +51,22 @@ def test_the_table_has_every_section(drop_run):
                  "drop", "solo (2 instances side by side)", "pipelined (one 2-stage group)",
                  "pipelined / solo TPOT", "share this machine's", "CPU time (every thread"):
         assert line in text, line
-    assert "every request got all 32 tokens: yes" in text
+    assert text.count("every request got all 32 tokens: yes") == 2
     assert "the layer pull overlapped" in text
+    assert "KV exchange overlapped with serving vs before it" in text  # side by side
+    for mode in ("overlapped", "before serving"):
+        assert f"KV exchange {mode}  (" in text
+
+
+def test_queued_requests_are_served_and_timed_from_the_drop(drop_run):
+    _, r = drop_run
+    queued = r["queued"]
+    assert queued["count"] == 2 * 2
+    assert 0 < queued["first_token_p50_s"] <= queued["first_token_max_s"]
+    if r["exchange_mode"] == "before serving":
+        assert queued["steps_during_exchange"] == 0
+        # nothing is served before the exchange is over
+        assert queued["first_token_p50_s"] > r["all_in_s"]
 
 
 def test_phase_times_are_positive_and_nest(drop_run):

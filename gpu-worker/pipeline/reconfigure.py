@@ -182,12 +182,12 @@ class KVExchange:
 # -- drop ---------------------------------------------------------------------------------------
 def drop(engine: LLMEngine, link: StageLink, group_id: str,
          layer_link: StageLink | None = None,
-         on_exchanged: Callable[[], None] | None = None) -> Membership:
+         on_exchanged: Callable[[], None] | None = None, overlap: bool = True) -> Membership:
     """Turn this solo engine into member ``link.rank`` of the group (collective).
-    ``layer_link``: the same members' second link; with it the KV exchange overlaps with
-    serving (``membership.exchange``; on the leader call ``complete_drop`` once it is done,
-    which ``on_exchanged`` signals from its helper thread) and so does ``pull_layers``.
-    Without it the exchange is over when this returns."""
+    ``layer_link``: the same members' second link; with it (and ``overlap``) the KV exchange
+    overlaps with serving (``membership.exchange``; on the leader call ``complete_drop`` once
+    it is done, which ``on_exchanged`` signals from its helper thread), and ``pull_layers``
+    does too. Otherwise the exchange is over when this returns."""
     start = time.perf_counter()
     engine_outputs = engine.drain()
     if engine_outputs:  # a solo engine runs one step at a time: nothing is ever left here
@@ -233,7 +233,7 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
                             layer_link=layer_link)
     # the leader owns every request from here on: if the group breaks, it recomputes them;
     # with an overlapped exchange, those whose KV moves wait for it (held)
-    overlap = layer_link is not None
+    overlap = overlap and layer_link is not None
     held = [msgspec.structs.replace(s, block_table=list(layout.tables[s.request_id]))
             for s in requests if overlap and layout.tables[s.request_id]]
     if link.is_leader:
@@ -246,7 +246,7 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         engine.install(None, memory)
     phases["free"] = time.perf_counter() - start - phases["handover"]
     try:
-        move = start_move(cache, layer_link or link, rank, layout.pieces, geometry,
+        move = start_move(cache, layer_link if overlap else link, rank, layout.pieces, geometry,
                           layout.num_blocks, layers.start, staging)
         del staging  # the move keeps what it still uses
         if overlap:

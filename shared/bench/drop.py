@@ -61,6 +61,7 @@ RAW_ROUNDS = 3
 # with serving, as in a worker); when they run out the leader waits for the pull
 PULL_TOKENS = 16
 MEMBER_DEADLINE_S = 900.0
+QUEUED_TOKENS = 4  # output tokens of a request queued at the drop
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ class DropBenchSpec:
     output_len: int
     steps: int
     threads: int
+    queued_per_instance: int = 0  # requests queued on each member at the drop (no KV yet)
+    overlap: bool = True  # the KV exchange overlaps serving (else it runs before)
+
+    @property
+    def exchange_mode(self) -> str:
+        return "overlapped" if self.overlap else "before serving"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -87,6 +94,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=32,
                    help="decode steps timed solo; tokens per request timed pipelined")
     p.add_argument("--threads", type=int, default=1, help="torch threads per member process")
+    p.add_argument("--queued-per-instance", type=int, default=2,
+                   help=f"requests each member queues just before the drop (prompt "
+                        f"--prompt-len, {QUEUED_TOKENS} output tokens): what the group serves "
+                        "while the KV moves")
+    p.add_argument("--exchange", choices=["overlapped", "before", "both"], default="both",
+                   help="the drop's KV exchange overlaps serving (what a worker does), runs "
+                        "before the group serves, or both side by side (default)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.set_defaults(func=run)
 
@@ -111,16 +125,24 @@ def run(args: argparse.Namespace) -> int:
     if args.steps < 2 or args.output_len < 2 * args.steps + least:
         raise ValueError(f"--output-len must be at least 2 x --steps + {least} "
                          f"(got {args.output_len} and {args.steps})")
+    if args.queued_per_instance < 0:
+        raise ValueError("--queued-per-instance must be >= 0")
+    modes = {"overlapped": [True], "before": [False], "both": [True, False]}[args.exchange]
     results = []
     with tempfile.TemporaryDirectory(prefix="kunserve-bench-drop-") as tmp:
         model = args.model or _build_default_model(Path(tmp) / "bench-model")
         for size in args.instances:
-            print(f"  {size} instances -> one group ...", flush=True)
-            results.append(measure(DropBenchSpec(
-                model, size, args.requests_per_instance, args.prompt_len, args.output_len,
-                args.steps, args.threads)))
+            for overlap in modes:
+                spec = DropBenchSpec(model, size, args.requests_per_instance, args.prompt_len,
+                                     args.output_len, args.steps, args.threads,
+                                     args.queued_per_instance, overlap)
+                print(f"  {size} instances -> one group, KV exchange {spec.exchange_mode} ...",
+                      flush=True)
+                results.append(measure(spec))
     for result in results:
         _print_table(result)
+    if len(modes) > 1:
+        _print_modes(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -135,12 +157,16 @@ def measure(spec: DropBenchSpec) -> dict:
     prompts = [{f"m{rank}-{i}": torch.randint(5, model.vocab_size, (spec.prompt_len,),
                                               generator=gen).tolist()
                 for i in range(spec.requests_per_instance)} for rank in range(spec.size)]
+    queued = [{f"q{rank}-{i}": torch.randint(5, model.vocab_size, (spec.prompt_len,),
+                                             generator=gen).tolist()
+               for i in range(spec.queued_per_instance)} for rank in range(spec.size)]
     store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=TIMEOUT_S))
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     processes = [ctx.Process(target=_member_main, daemon=True,
-                             args=(spec, store.port, rank, prompts[rank], results))
+                             args=(spec, store.port, rank, prompts[rank], queued[rank],
+                                   results))
                  for rank in range(spec.size)]
     for process in processes:
         process.start()
@@ -181,18 +207,22 @@ def summarize(spec: DropBenchSpec, num_layers: int, members: list[dict]) -> dict
     phases = _phases(members)
     times = _token_times(members)
     counts = {rid: sum(len(v) for v in by_phase.values()) for rid, by_phase in times.items()}
+    queued = {rid for m in members for rid in m["queued"]}
     block_size = leader["block_size"]
     exchange = _exchange(members)
     return {
-        **asdict(spec), "num_layers": num_layers, "cpu_count": os.cpu_count(),
-        "phases_s": phases, **exchange,
+        **asdict(spec), "exchange_mode": spec.exchange_mode, "num_layers": num_layers,
+        "cpu_count": os.cpu_count(), "phases_s": phases, **exchange,
         "gap": _gaps(spec, members, times, exchange["all_in_s"]),
+        "queued": _queued(members, times),
         "pull": leader["pull"],
         "decode": _decode(spec, members, times),
         "kv_tokens": {"solo_per_instance": leader["solo_memory"]["blocks_total"] * block_size,
                       "group": leader["group_memory"]["blocks_total"] * block_size},
-        "every_request_complete": len(counts) == spec.size * spec.requests_per_instance
-        and all(n == spec.output_len for n in counts.values()),
+        "every_request_complete": len(counts) == spec.size * (spec.requests_per_instance
+                                                              + spec.queued_per_instance)
+        and all(n == (QUEUED_TOKENS if rid in queued else spec.output_len)
+                for rid, n in counts.items()),
     }
 
 
@@ -258,11 +288,24 @@ def _gaps(spec: DropBenchSpec, members: list[dict], times: dict, exchange_s: flo
     gaps = [{"request": rid, "gap_s": min(by_phase["group"]) - max(by_phase["solo"]),
              "bound_s": 2 * solo_step[owner[rid]] + exchange_s,
              "restore_gap_s": min(by_phase["restored"]) - max(by_phase["group"])}
-            for rid, by_phase in sorted(times.items())]
+            for rid, by_phase in sorted(times.items()) if rid in owner]
     return {"worst": max(gaps, key=lambda g: g["gap_s"]),
             "within_bound": sum(g["gap_s"] < g["bound_s"] for g in gaps),
             "requests": len(gaps), "solo_step_s": solo_step, "exchange_s": exchange_s,
             "worst_restore_gap_s": max(g["restore_gap_s"] for g in gaps)}
+
+
+def _queued(members: list[dict], times: dict) -> dict:
+    """The requests queued at the drop: their first token, from the moment the last member
+    entered the drop, and how many steps the leader served while the KV moved."""
+    start = max(m["drop_at"] for m in members)
+    firsts = [min(times[rid]["group"]) - start for m in members for rid in m["queued"]]
+    figures = {"count": len(firsts),
+               "steps_during_exchange": members[0].get("steps_during_exchange", 0)}
+    if firsts:
+        figures.update(first_token_p50_s=statistics.median(firsts),
+                       first_token_max_s=max(firsts))
+    return figures
 
 
 def _decode(spec: DropBenchSpec, members: list[dict], times: dict) -> dict:
@@ -275,7 +318,8 @@ def _decode(spec: DropBenchSpec, members: list[dict], times: dict) -> dict:
     solo_s = (max(m["solo_window"][1] for m in members)
               - min(m["solo_window"][0] for m in members))
     window = members[0]["group_window"]
-    pipe_tokens, pipe_itl = _window([t["group"] for t in times.values()], *window)
+    pipe_tokens, pipe_itl = _window([times[rid]["group"] for m in members
+                                     for rid in m["requests"]], *window)
     pipe_s = window[1] - window[0]
     decode = {"solo": {"tok_s": solo_tokens / solo_s, "itl_ms": 1e3 * statistics.mean(solo_itl),
                        "tokens": solo_tokens, "seconds": solo_s},
@@ -312,9 +356,9 @@ def _window(per_request: list[list[float]], start: float, end: float) -> tuple[i
 
 # -- a member process --------------------------------------------------------------------------
 def _member_main(spec: DropBenchSpec, port: int, rank: int, prompts: dict[str, list[int]],
-                 results) -> None:
+                 queued: dict[str, list[int]], results) -> None:
     try:
-        results.put((rank, _Member(spec, port, rank).run(prompts), None))
+        results.put((rank, _Member(spec, port, rank).run(prompts, queued), None))
     except BaseException:  # noqa: BLE001 - reported to the parent
         results.put((rank, None, traceback.format_exc()))
 
@@ -341,7 +385,7 @@ class _Member:
         while self.store.add(name, 0) < self.spec.size:
             time.sleep(0.0005)
 
-    def run(self, prompts: dict[str, list[int]]) -> dict:
+    def run(self, prompts: dict[str, list[int]], queued: dict[str, list[int]]) -> dict:
         from kunserve.worker.checkpoint import TORCH_DTYPES
         from kunserve.worker.engine import EngineConfig, LLMEngine
         from kunserve.worker.pipeline import reconfigure
@@ -363,6 +407,7 @@ class _Member:
         report["prepare_at"] = (start, time.time())
         report["solo_memory"] = engine.memory_report()
         report["requests"] = list(prompts)
+        report["queued"] = list(queued)
         report["block_size"] = engine.config.block_size
         self.barrier("prepared")
 
@@ -380,12 +425,16 @@ class _Member:
 
         tables = {rid: engine.block_manager.block_table(rid) for rid in engine.scheduler.requests}
         self.store.set(f"tables/{self.rank}", json.dumps(tables))
-        membership = reconfigure.drop(engine, link, "bench-group", layer_link)
+        for rid, prompt in queued.items():  # they arrived during the commit: no KV yet
+            engine.add_request(prompt, SamplingParams(max_tokens=QUEUED_TOKENS, temperature=0.0,
+                                                      ignore_eos=True), rid)
+        report["drop_at"] = time.time()
+        membership = reconfigure.drop(engine, link, "bench-group", layer_link,
+                                      overlap=spec.overlap)
         report["group_memory"] = engine.memory_report()
         with ThreadPoolExecutor(1) as helper:  # pulls the layers back while the group serves
             if link.is_leader:
-                # every request here holds KV: none can run before the exchange is over
-                reconfigure.complete_drop(engine, membership)
+                self.serve_during_exchange(engine, membership)
                 self.lead(engine)
                 stage = self.serve_while_pulling(engine, membership, helper)
                 begin = reconfigure.plan_restore(engine, membership)
@@ -415,6 +464,21 @@ class _Member:
                 self.take("solo", engine.step())
             else:
                 time.sleep(0.0005)
+
+    def serve_during_exchange(self, engine, membership) -> None:
+        """The leader while the drop's KV moves (overlapped): serve what holds no KV (the
+        queued requests), then run the requests whose KV moved (``complete_drop``)."""
+        from kunserve.worker.pipeline import reconfigure
+
+        exchange, steps = membership.exchange, 0
+        while exchange is not None and not exchange.done():
+            if engine.has_unfinished():
+                self.take("group", engine.step())
+                steps += 1
+            else:
+                exchange.wait(0.0005)
+        self.report["steps_during_exchange"] = steps
+        reconfigure.complete_drop(engine, membership)
 
     def lead(self, engine) -> None:
         """The leader after the drop: the first step, one round, the timed window."""
@@ -496,10 +560,11 @@ class _Member:
 # -- the table ---------------------------------------------------------------------------------
 def _print_table(r: dict) -> None:
     g = r["size"]
-    print(f"\ndrop bench: {g} solo instances -> one {g}-stage group -> restore  ({r['num_layers']}"
-          f" layers; {r['requests_per_instance']} streaming greedy requests per instance, "
-          f"prompt {r['prompt_len']}, output {r['output_len']}; {r['threads']} torch "
-          f"thread(s) per process)")
+    print(f"\ndrop bench: {g} solo instances -> one {g}-stage group -> restore, KV exchange "
+          f"{r['exchange_mode']}  ({r['num_layers']} layers; {r['requests_per_instance']} "
+          f"streaming greedy requests per instance, prompt {r['prompt_len']}, output "
+          f"{r['output_len']}, and {r['queued_per_instance']} queued at the drop, output "
+          f"{QUEUED_TOKENS}; {r['threads']} torch thread(s) per process)")
     print(f"note: the {g} member processes share this machine's {r['cpu_count']} CPU cores, so "
           "pipelined decode is slower here than it would be on one GPU per stage")
     print(f"\n{'phase (slowest member)':<32} {'ms':>9}  per member (ms){'':<14} what")
@@ -538,6 +603,12 @@ def _print_table(r: dict) -> None:
           f"{1e3 * worst['bound_s']:.1f} ms; within the bound: {gap['within_bound']} of "
           f"{gap['requests']} requests  (solo step, slowest member: {step:.1f} ms; exchange "
           f"{1e3 * gap['exchange_s']:.1f} ms)")
+    q = r["queued"]
+    if q["count"]:
+        print(f"requests queued at the drop: first token {1e3 * q['first_token_p50_s']:.1f} ms "
+              f"(median), {1e3 * q['first_token_max_s']:.1f} ms (last) after the last member "
+              f"entered the drop; the leader served {q['steps_during_exchange']} steps while "
+              "the KV moved")
     pull = r["pull"]
     print(f"longest inter-token gap across the restore: {1e3 * gap['worst_restore_gap_s']:.1f}"
           f" ms  (the layer pull overlapped {pull['steps']} pipelined steps in "
@@ -557,3 +628,18 @@ def _print_table(r: dict) -> None:
     print(f"KV capacity: {kv['solo_per_instance']} tokens per solo instance ({g} x = "
           f"{g * kv['solo_per_instance']}), {kv['group']} tokens in the group; every request "
           f"got all {r['output_len']} tokens: {'yes' if r['every_request_complete'] else 'NO'}")
+
+
+def _print_modes(results: list[dict]) -> None:
+    """The two ways of running the drop's KV exchange, side by side per group size."""
+    print("\nKV exchange overlapped with serving vs before it (ms; queued: requests queued at "
+          "the drop, first token after the last member entered it)")
+    print(f"{'instances':>9} {'exchange':<15} {'exchange':>9} {'drop total':>11} "
+          f"{'queued p50':>11} {'queued last':>12} {'longest gap':>12} {'vs raw':>7}")
+    for r in results:
+        q = r["queued"]
+        p50, last = ((f"{1e3 * q['first_token_p50_s']:.1f}", f"{1e3 * q['first_token_max_s']:.1f}")
+                     if q["count"] else ("-", "-"))
+        print(f"{r['size']:>9} {r['exchange_mode']:<15} {1e3 * r['all_in_s']:>9.1f} "
+              f"{1e3 * max(r['phases_s']['drop total']):>11.1f} {p50:>11} {last:>12} "
+              f"{1e3 * r['gap']['worst']['gap_s']:>12.1f} {r['exchange_vs_raw']:>7.0%}")
