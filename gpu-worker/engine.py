@@ -116,6 +116,7 @@ class LLMEngine:
         self.install(runner, memory)
         paged_decode.available()  # build or load the fused kernel now, not on the first request
         self._in_flight: deque[SchedulerOutput] = deque()
+        self.num_submitted = 0  # scheduled steps handed to the runner, ever
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._rejected: list[RequestOutput] = []
         self._next_id = 0
@@ -296,6 +297,7 @@ class LLMEngine:
                 return
             self.runner.submit(scheduled)
             self._in_flight.append(scheduled)
+            self.num_submitted += 1
 
     def _collect(self) -> list[RequestOutput]:
         """Update from the oldest step in flight (or from none: reports capped requests)."""

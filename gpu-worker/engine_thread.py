@@ -123,6 +123,8 @@ class GroupCommand:
 class ExchangeDone:
     """From a drop's exchange thread: the KV is in place (or the group broke)."""
 
+    exchange: reconfigure.KVExchange
+
 
 @dataclass
 class AddCommand:
@@ -218,6 +220,8 @@ class EngineThread:
                     await self._step(engine)
                 await self._report_load(engine)
         finally:
+            if self._joining is not None:
+                self._joining.done.set_exception(RuntimeError("the worker stopped"))
             for task in self._migrations:  # their requests go back to where they were
                 task.cancel()
             await asyncio.gather(*self._migrations, return_exceptions=True)
@@ -256,17 +260,25 @@ class EngineThread:
             await self._reconfigure(engine, command)
             return
         if isinstance(command, ExchangeDone):
-            await self._complete_drop(engine)
+            if self._membership is not None and self._membership.exchange is command.exchange:
+                await self._complete_drop(engine)  # else that group is gone already
             return
         if isinstance(command, AbortCommand):
             exchange = self._membership.exchange if self._membership is not None else None
-            if exchange is not None:  # held while its KV moves: never adopted
-                exchange.cancel(command.request_id)
+            if exchange is not None and self._membership.link.is_leader:  # held while its
+                exchange.cancel(command.request_id)                      # KV moves: dropped
             engine.abort_request(command.request_id)
             await self._outlet.emit(Aborted(command.request_id, command.error))
             return
         self._released[0] += command.reserved_tokens
         self._released[1] += 1
+        exchange = self._membership.exchange if self._membership is not None else None
+        if exchange is not None and command.request_id in exchange.held:
+            await self._outlet.emit([RequestOutput(
+                command.request_id, [], "", True, "error",
+                f"request id {command.request_id!r} is already in the engine",
+                num_prompt_tokens=len(command.prompt_token_ids))])
+            return
         if engine.runner is None:  # a pipeline stage other than the leader: it cannot serve
             await self._outlet.emit([RequestOutput(
                 command.request_id, [], "", True, "error",
@@ -284,6 +296,7 @@ class EngineThread:
             await self._outlet.emit(Accepted(command.request_id, len(command.prompt_token_ids)))
 
     async def _step(self, engine: LLMEngine) -> None:
+        submitted = engine.num_submitted
         try:
             outputs = engine.step()
         except StageLinkError as exc:  # the leader's group broke: serve its requests solo
@@ -300,6 +313,8 @@ class EngineThread:
         self._dirty = True
         if outputs:
             await self._outlet.emit(outputs)
+        if engine.num_submitted == submitted and not outputs:  # nothing could run (blocks
+            await asyncio.sleep(0.001)                          # a drop holds): no spinning
 
     # -- reconfiguration -------------------------------------------------------------------------
     async def _reconfigure(self, engine: LLMEngine, command: GroupCommand) -> None:
@@ -327,8 +342,8 @@ class EngineThread:
             if self._membership is not None and self._membership.exchange is not None and (
                     self._membership.link.is_leader):
                 self._joining = command  # done once the KV is in place (``_complete_drop``)
-            else:
-                command.done.set_result(phases)
+            else:  # a copy: a follower's exchange thread adds its phases later
+                command.done.set_result(dict(phases))
         self._dirty = True
 
     async def _run_restore(self, engine: LLMEngine, command: GroupCommand) -> None:
@@ -348,7 +363,7 @@ class EngineThread:
         before = set(engine.scheduler.requests)
         try:
             membership = reconfigure.drop(engine, link, group_id, layer_link,
-                                          on_exchanged=lambda: self.add(ExchangeDone()))
+                                          on_exchanged=lambda x: self.add(ExchangeDone(x)))
         except reconfigure.GroupFailed:  # solo again; the leader kept every request
             await self._announce_moves(engine, before)
             raise
@@ -421,7 +436,10 @@ class EngineThread:
         self._joining = None
         try:
             reconfigure.complete_drop(engine, membership)
-        except reconfigure.GroupFailed as exc:  # solo, every request requeued
+        except Exception as exc:  # solo, every request requeued
+            if not isinstance(exc, reconfigure.GroupFailed):  # a bug: leave the group anyway
+                logger.exception("completing the drop failed")
+                reconfigure.fall_back(engine, membership)
             self._membership = None
             logger.warning("group %s broke during the KV exchange: %s", membership.group_id,
                            exc)
@@ -430,7 +448,7 @@ class EngineThread:
                 command.done.set_exception(exc)
         else:
             if command is not None:
-                command.done.set_result(membership.phases)
+                command.done.set_result(dict(membership.phases))
         self._dirty = True
 
     async def _serve_stage(self, engine: LLMEngine, membership: reconfigure.Membership) -> None:
@@ -530,13 +548,17 @@ class EngineThread:
         s = self.settings
         if since < s.liveness_ttl_ms / 3 and not (self._dirty and since >= s.load_refresh_ms):
             return
-        await self._outlet.emit(LoadReport(snapshot_load(engine, s.instance_id, self.role),
+        exchange = self._membership.exchange if self._membership is not None else None
+        held = len(exchange.unadopted()) if exchange is not None else 0
+        await self._outlet.emit(LoadReport(snapshot_load(engine, s.instance_id, self.role, held),
                                            *self._released))
         self._released = [0, 0]
         self._dirty, self._last_report = False, time.monotonic()
 
 
-def snapshot_load(engine: LLMEngine, instance_id: str, role: Role | None = None) -> InstanceLoad:
+def snapshot_load(engine: LLMEngine, instance_id: str, role: Role | None = None,
+                  held: int = 0) -> InstanceLoad:
+    """``held``: running requests a drop holds while their KV moves (not in the scheduler)."""
     scheduler, blocks = engine.scheduler, engine.block_manager
     usage = blocks.usage()
     role = role or Role(layer_end=engine.model_config.num_layers)
@@ -544,7 +566,8 @@ def snapshot_load(engine: LLMEngine, instance_id: str, role: Role | None = None)
     layer_end = role.layer_end if role.state != "solo" else engine.model_config.num_layers
     swaps = getattr(engine.runner, "swap_spaces", [])
     return InstanceLoad(
-        instance_id=instance_id, running=scheduler.num_running, waiting=scheduler.num_waiting,
+        instance_id=instance_id, running=scheduler.num_running + held,
+        waiting=scheduler.num_waiting,
         blocks_total=usage.total, blocks_used=usage.used, block_size=blocks.block_size,
         queued_tokens=sum(r.num_uncomputed_tokens for r in scheduler.waiting),
         num_preemptions=scheduler.num_preemptions, num_swaps=scheduler.num_swaps,

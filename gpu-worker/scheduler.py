@@ -283,6 +283,8 @@ class Scheduler:
             return self.block_manager.allocate(request.request_id, total)
         while not self.block_manager.allocate(request.request_id, total):
             if self.running == [request]:
+                if self._blocks_held_elsewhere():  # they come back: wait for them
+                    return False
                 self.finish_request(request.request_id, RequestStatus.FINISHED_LENGTH)
                 self._capped.append(request)
                 return False
@@ -295,6 +297,13 @@ class Scheduler:
             if victim is request:
                 return False
         return True
+
+    def _blocks_held_elsewhere(self) -> bool:
+        """Blocks taken by tables that are no request of this scheduler: a drop holding the
+        blocks of requests whose KV is on its way, a migration's copies. They come back, so a
+        request alone and short of blocks waits instead of being cut short."""
+        mine = sum(len(self.block_manager.block_table(rid)) for rid in self.requests)
+        return self.block_manager.usage().used > mine
 
     def _victim(self, request: Request) -> Request | None:
         """The most recently admitted running request not in flight; ``request`` itself when

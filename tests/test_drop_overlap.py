@@ -14,6 +14,7 @@ lost or repeated."""
 from __future__ import annotations
 
 import datetime
+import time
 from collections import defaultdict
 
 import pytest
@@ -27,6 +28,7 @@ from tests.conftest import collect_members, hf_greedy, make_prompts
 HOST = "127.0.0.1"
 MAX_TOKENS = 16
 SOLO_STEPS = 4
+HANDSHAKE_S = 0.3  # rank 1 writes its slices this long after the leader served
 PHASES = ("solo", "group", "solo again")
 LLAMA = dict(arch="llama", layers=4, hidden_size=64, heads=4, kv_heads=2,
              intermediate_size=128, vocab_size=512, seed=5)
@@ -48,6 +50,7 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
             if mode == "die":
                 os._exit(1)
             store.wait(["leader-served"], datetime.timedelta(seconds=60))
+            time.sleep(HANDSHAKE_S)  # the leader must wait for rank 1's KVInPlace
             return finish(self)
 
         kv_transfer.KVMove.finish = held_finish
@@ -99,7 +102,9 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
                 served |= emitted
             report["exchange_done_when_served"] = exchange.done()
             store.set("leader-served", "1")
+            start = time.monotonic()
             adopted = reconfigure.complete_drop(engine, membership)
+            report["completed_after_s"] = time.monotonic() - start
             report["adopted"] = sorted(adopted)
             blocks = engine.block_manager
             report["held_tables_left"] = [k for k in blocks._tables
@@ -168,6 +173,7 @@ def test_the_group_serves_queued_requests_while_the_kv_moves(model):
     assert not leader.get("emitted_while_held")  # and the held ones waited for their KV
     cancelled = leader["cancelled"]
     assert leader["adopted"] == [r for r in leader["held"] if r != cancelled]
+    assert leader["completed_after_s"] >= HANDSHAKE_S  # it waited for rank 1's slices
     assert leader["held_tables_left"] == []
     assert leader["blocks_used"] == leader["tables_used"]  # nothing held, nothing leaked
     for rid, prompt in prompt_of.items():

@@ -239,6 +239,23 @@ def test_max_num_seqs_caps_running():
 
 
 # -- preemption ------------------------------------------------------------------------------
+def test_a_lone_request_short_of_blocks_waits_for_blocks_held_elsewhere():
+    """Blocks held outside the scheduler (a drop's requests whose KV is moving) come back:
+    the one running request that needs one of them waits, keeping its KV, instead of being
+    finished for want of any block."""
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    sched.block_manager.adopt({"exchanging/x": [2, 3]})
+    req = add_all(sched, [make_request("r", prompt_len=8, max_tokens=4, base=1000,
+                                       ignore_eos=True)])[0]
+    step(sched, {"r": 11})  # 8 prompt tokens fill blocks 0 and 1
+    out, _ = step(sched, {"r": 12})  # its 9th token needs a 3rd block: none is free
+    assert out.chunks == [] and out.preempted == [] and out.finished == []
+    assert req.status == RequestStatus.RUNNING and len(sched.block_manager.block_table("r")) == 2
+    sched.block_manager.free("exchanging/x")
+    out, _ = step(sched, {"r": 12})
+    assert scheduled_ids(out) == ["r"] and req.output_token_ids == [11, 12]
+
+
 def test_requests_adopted_first_go_ahead_and_are_preempted_last():
     """A drop's held requests join after the group served newer ones: they go first, so when
     blocks run out the newer request is the one preempted."""

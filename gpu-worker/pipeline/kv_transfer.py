@@ -21,17 +21,19 @@ sends to one peer and receives from one, and each sender's first message is its 
 Packing everything before any write makes the order of writes irrelevant; no member ever
 waits on a peer before its own sends are posted, so no pair waits on each other.
 
-Steps 1-3 are ``start_move``, step 4 is ``KVMove.finish``. ``move_kv`` runs both while the
+Steps 1-3 are ``start_move``, step 4 is ``KVMove.finish`` (which also posts the receives
+that waited for a drained fresh buffer). ``move_kv`` runs both while the
 group is not serving. A drop runs them apart (``reconfigure.drop``): 1-3 on the engine thread
 with nothing else running, then 4 on a helper thread while the group already serves; it moves
 the KV over the epoch's second link, so an activation never queues behind a KV chunk. Since
-every member posted all its sends and receives in 1-3, a ``finish`` only ever waits for bytes
-a live peer has already queued: it cannot wait on another member's helper thread.
+every member posted all its sends in 1-3, a ``finish`` only ever waits for bytes a live peer
+has already queued: it cannot wait on another member's helper thread.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -136,6 +138,12 @@ class KVMove:
                  stats: MoveStats, cpu_start: float) -> None:
         self._cache, self._link, self._receives = cache, link, receives
         self.stats, self._cpu_start = stats, cpu_start
+        self._stopped = threading.Event()
+
+    def stop(self) -> None:
+        """From another thread: write nothing more into the cache (``finish`` raises at its
+        next slice)."""
+        self._stopped.set()
 
     @torch.inference_mode()
     def finish(self) -> MoveStats:
@@ -145,6 +153,8 @@ class KVMove:
         stats, cache = self.stats, self._cache
         rows_of: dict[int, _Rows] = {}
         for piece, layer, buffer in self._receives:
+            if self._stopped.is_set():  # forgets the posted receives, raises
+                self._receives._fail("the move was stopped (the group fell back)")
             rows = rows_of.setdefault(id(piece), _Rows(piece.dst_blocks))
             rows.scatter(cache.layer_blocks(layer), buffer)
             stats.bytes_received += buffer.nbytes

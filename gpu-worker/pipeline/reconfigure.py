@@ -117,7 +117,7 @@ class KVExchange:
     ``complete_drop`` adopts them once it is over."""
 
     def __init__(self, move: KVMove, link: StageLink, held: list[RequestState],
-                 phases: dict[str, float], on_done: Callable[[], None] | None,
+                 phases: dict[str, float], on_done: Callable[[KVExchange], None] | None,
                  started_at: float) -> None:
         self.held = {s.request_id: s for s in held}
         self.cancelled: set[str] = set()  # aborted while held: dropped, not adopted
@@ -157,10 +157,17 @@ class KVExchange:
         finally:
             self._done.set()
             if self._on_done is not None:
-                self._on_done()
+                self._on_done(self)
 
     def done(self) -> bool:
         return self._done.is_set()
+
+    def stop(self) -> None:
+        """No more writes into the cache: a slice that arrives after this is dropped and the
+        exchange fails (the group fell back; the cache is about to be solo again)."""
+        move = self._move  # the thread drops it when it is done
+        if move is not None:
+            move.stop()
 
     def wait(self, timeout: float | None = None) -> bool:
         return self._done.wait(timeout)
@@ -182,7 +189,8 @@ class KVExchange:
 # -- drop ---------------------------------------------------------------------------------------
 def drop(engine: LLMEngine, link: StageLink, group_id: str,
          layer_link: StageLink | None = None,
-         on_exchanged: Callable[[], None] | None = None, overlap: bool = True) -> Membership:
+         on_exchanged: Callable[[KVExchange], None] | None = None,
+         overlap: bool = True) -> Membership:
     """Turn this solo engine into member ``link.rank`` of the group (collective).
     ``layer_link``: the same members' second link; with it (and ``overlap``) the KV exchange
     overlaps with serving (``membership.exchange``; on the leader call ``complete_drop`` once
@@ -275,7 +283,7 @@ def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
     serves meanwhile leave room for their next token."""
     blocks = engine.block_manager
     blocks.adopt({_HOLD + s.request_id: s.block_table for s in held})
-    for state in held:
+    for state in held:  # best effort: with no free block left the headroom is smaller
         blocks.allocate(_HOLD + state.request_id,
                         (len(state.block_table) + 1) * blocks.block_size)
     engine.resume_detokenizers(held)  # an abort or a fallback finds them like the others
@@ -387,6 +395,8 @@ def pull_layers_when_ordered(engine: LLMEngine, membership: Membership) -> Llama
     """Member, on a helper thread while its stage serves: wait for the leader's order, then
     ``pull_layers``."""
     await_layer_pull_order(membership)
+    if membership.exchange is not None:  # the layer link is the exchange thread's until it
+        membership.exchange.wait()        # ends (the order can come right after KVInPlace)
     return pull_layers(engine, membership)
 
 
@@ -434,8 +444,11 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
     every request (``GroupFailed``)."""
     start = time.perf_counter()
     link, rank = membership.link, membership.link.rank
-    if membership.exchange is not None:  # over everywhere (the leader completed the drop):
-        membership.exchange.wait()        # its thread may still be returning
+    exchange = membership.exchange
+    if exchange is not None:  # over everywhere (the leader completed the drop):
+        if link.is_leader and not exchange.adopted:
+            raise ValueError("complete_drop before restoring: requests are still held")
+        exchange.wait()       # its thread may still be returning
     if link.is_leader:
         begin.requests = engine.export_requests()
     try:
@@ -552,8 +565,9 @@ def fall_back(engine: LLMEngine, membership: Membership,
     requeued."""
     exchange = membership.exchange
     if exchange is not None:  # it must not write into the cache once it is solo again, and
-        membership.link.close()  # the layer link is its own until it ends
-        if not exchange.wait(exchange_timeout(membership)):
+        exchange.stop()          # the layer link is its own until it ends
+        membership.link.close()
+        if not exchange.wait(exchange_timeout(membership)):  # stopped: it writes no more
             logger.error("the KV exchange of group %s did not end", membership.group_id)
         held = [*(held or []), *exchange.unadopted()]
         exchange.adopted = True
