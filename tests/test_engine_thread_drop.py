@@ -1,0 +1,169 @@
+"""The engine thread's part of an overlapped drop: two ``EngineThread``s in this process, each
+with a real engine, joined over real gloo links by ``GroupCommand("join")`` as the worker
+server sends it; only the outlet is a recorder (the NATS side is tested by
+``test_worker_drop.py``).
+
+Rank 1's half of the KV exchange is held back until the test releases it. Meanwhile the
+leader must take and serve a new request, turn an abort of a request whose KV is moving into
+``Aborted`` (and never run it again), and keep its join pending: the command is done, with
+the exchange's phases, only once the KV is in place (``ExchangeDone``). Then every request's
+tokens, across both instances, are transformers' greedy tokens."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import pytest
+import torch.distributed as dist
+
+from kunserve.worker.engine import RequestOutput
+from kunserve.worker.engine_thread import (
+    AbortCommand,
+    AddCommand,
+    Aborted,
+    Adopted,
+    EngineThread,
+    GroupCommand,
+)
+from kunserve.worker.pipeline import kv_transfer
+from kunserve.worker.pipeline.stage_link import StageLink
+from kunserve.worker.sampling_params import SamplingParams
+from kunserve.worker.settings import WorkerSettings
+from tests.conftest import hf_greedy, make_prompts
+
+HOST = "127.0.0.1"
+MAX_TOKENS = 24
+LLAMA = dict(arch="llama", layers=4, hidden_size=64, heads=4, kv_heads=2,
+             intermediate_size=128, vocab_size=512, seed=9)
+
+
+class Recorder:
+    """An outlet that keeps every event (appended on the engine thread, read by the test)."""
+
+    def __init__(self) -> None:
+        self.events: list = []
+
+    async def open(self) -> None:
+        pass
+
+    async def emit(self, event) -> None:
+        self.events.append(event)
+
+    async def close(self) -> None:
+        pass
+
+    def outputs(self) -> list[RequestOutput]:
+        return [o for e in list(self.events) if isinstance(e, list) for o in e]
+
+    def tokens(self, rid: str) -> list[int]:
+        return [t for o in self.outputs() if o.request_id == rid for t in o.new_token_ids]
+
+    def finished(self, rid: str) -> bool:
+        return any(o.finished for o in self.outputs() if o.request_id == rid)
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    from kunserve.tiny_model import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("thread-drop") / "llama4", **LLAMA))
+
+
+@pytest.fixture
+def rank1_exchange_held(monkeypatch):
+    """Rank 1's ``KVMove.finish`` waits for the returned event (ranks share this process)."""
+    release = threading.Event()
+    finish = kv_transfer.KVMove.finish
+
+    def held(self):
+        if self._link is not None and self._link.rank == 1:
+            release.wait(60)
+        return finish(self)
+
+    monkeypatch.setattr(kv_transfer.KVMove, "finish", held)
+    return release
+
+
+def links(port: int, prefix: str) -> list[StageLink]:
+    """Both ranks' link of one group (each rank's constructor waits for the other, through a
+    store client of its own: one client cannot wait for two threads at once)."""
+    def join(rank: int) -> StageLink:
+        store = dist.TCPStore(HOST, port, is_master=False,
+                              timeout=datetime.timedelta(seconds=60))
+        return StageLink(dist.PrefixStore(prefix, store), rank, 2, 1, timeout_s=30,
+                         bind_host=HOST)
+
+    with ThreadPoolExecutor(2) as pool:
+        made = [pool.submit(join, rank) for rank in range(2)]
+        return [f.result(timeout=60) for f in made]
+
+
+def test_the_leader_serves_and_aborts_while_the_kv_moves(model, rank1_exchange_held):
+    prompts = make_prompts(4, vocab=500, seed=11, lengths=[9, 23, 14, 30])
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    outlets = [Recorder(), Recorder()]
+    threads = [EngineThread(WorkerSettings(model=model, instance_id=name, threads=1), outlet)
+               for name, outlet in zip("ab", outlets, strict=True)]
+    for thread in threads:
+        thread.start().result(timeout=60)
+    try:
+        own = {0: {"a0": prompts[0], "a1": prompts[1]}, 1: {"b0": prompts[2]}}
+        for rank, requests in own.items():
+            for rid, prompt in requests.items():
+                threads[rank].add(AddCommand(rid, prompt, params, 0))
+        wait_for(lambda: all(len(outlets[r].tokens(rid)) >= 3
+                             for r, requests in own.items() for rid in requests),
+                 "three tokens of every request, solo")
+        store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=60))
+        serving, layers = links(store.port, "g"), links(store.port, "g/layers")
+        joins = [GroupCommand("join", Future(), link=serving[r], group_id="g",
+                              layer_link=layers[r]) for r in range(2)]
+        for rank in range(2):
+            threads[rank].add(joins[rank])
+        joins[1].done.result(timeout=60)  # a follower is done once it serves its stage
+        wait_for(lambda: any(isinstance(e, Adopted) and e.request_id == "b0"
+                             for e in outlets[0].events), "the leader adopting b0")
+        moved = {rid: len(outlets[0].tokens(rid)) for rid in ("a0", "a1")}
+        moved["b0"] = 0  # its tokens so far came from rank 1
+
+        threads[0].add(AddCommand("q0", prompts[3], params, 0))  # arrives during the exchange
+        threads[0].add(AbortCommand("a1"))  # its KV is moving
+        wait_for(lambda: outlets[0].tokens("q0"), "the new request's first token")
+        wait_for(lambda: any(isinstance(e, Aborted) and e.request_id == "a1"
+                             for e in outlets[0].events), "the abort of a held request")
+        assert not joins[0].done.done()  # the leader's join waits for the KV
+        assert {rid: len(outlets[0].tokens(rid)) for rid in moved} == moved  # held: no tokens
+
+        rank1_exchange_held.set()
+        phases = joins[0].done.result(timeout=60)
+        assert phases["exchange"] > 0 and phases["total"] >= phases["exchange"]
+        for rid in ("a0", "b0", "q0"):
+            wait_for(lambda rid=rid: outlets[0].finished(rid), f"{rid} to finish")
+        assert len(outlets[0].tokens("a1")) == moved["a1"]  # never ran again
+    finally:
+        rank1_exchange_held.set()
+        for thread in threads:
+            thread.stop(timeout=10)
+    merged = defaultdict(list)
+    for outlet in (outlets[1], outlets[0]):  # b0's solo tokens came first, from rank 1
+        for rid in ("a0", "a1", "b0", "q0"):
+            merged[rid] += outlet.tokens(rid)
+    expected = {rid: hf_greedy(model, prompt, MAX_TOKENS)
+                for rid, prompt in {"a0": prompts[0], "a1": prompts[1], "b0": prompts[2],
+                                    "q0": prompts[3]}.items()}
+    for rid in ("a0", "b0", "q0"):
+        assert merged[rid] == expected[rid], rid
+    assert merged["a1"] == expected["a1"][:moved["a1"]]
