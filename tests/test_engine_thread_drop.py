@@ -23,8 +23,8 @@ import torch.distributed as dist
 from kunserve.worker.engine import RequestOutput
 from kunserve.worker.engine_thread import (
     AbortCommand,
-    AddCommand,
     Aborted,
+    AddCommand,
     Adopted,
     EngineThread,
     GroupCommand,
