@@ -145,6 +145,8 @@ class ClusterCollector(Collector):
             counter.add_metric(["ok"], ok)
             counter.add_metric(["failed"], failed)
             yield counter
+        yield CounterMetricFamily("kunserve:migrated_requests", "Running requests the llumnix "
+                                  "policy's live migrations moved.", value=p.migrated_requests)
         yield SummaryMetricFamily("kunserve:plan_seconds", "Time the planner took to compute "
                                   "each automatic drop plan.", count_value=p.plans,
                                   sum_value=p.plan_seconds_sum)

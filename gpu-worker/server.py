@@ -406,9 +406,10 @@ class WorkerServer:
     # -- reconfiguration (the planner's control commands) -----------------------------------
     async def _on_control(self, msg: Msg) -> None:
         start = time.perf_counter()
+        figures: dict[str, float] = {}
         try:
             command = msgspec.json.decode(msg.data, type=ControlCommand)
-            error = await self._control(command)
+            error = await self._control(command, figures)
         except msgspec.DecodeError as exc:
             error = f"not a control command: {exc}"
         except Exception as exc:  # any failure is the planner's to see, not a crash
@@ -417,10 +418,11 @@ class WorkerServer:
         if msg.reply:
             await msg.respond(encode(ControlReply(
                 instance_id=self.instance_id, ok=error is None, error=error,
-                seconds=time.perf_counter() - start)))
+                seconds=time.perf_counter() - start, figures=figures)))
 
-    async def _control(self, command: ControlCommand) -> str | None:
-        """Carry out one command; the error to report, or None."""
+    async def _control(self, command: ControlCommand, figures: dict[str, float]) -> str | None:
+        """Carry out one command; the error to report, or None. What the engine measured
+        goes into ``figures``."""
         if isinstance(command, PrepareGroup):
             return await self._prepare(command)
         if isinstance(command, AbortGroup):
@@ -433,7 +435,7 @@ class WorkerServer:
             self._joining_as_follower = prepared[1].rank > 0
             error = await self._engine_group_command(GroupCommand(
                 "join", Future(), link=prepared[1], group_id=command.group_id,
-                layer_link=prepared[2]))
+                layer_link=prepared[2]), figures)
             if error is not None:
                 self._joining_as_follower = False
             return error
@@ -443,13 +445,13 @@ class WorkerServer:
                 return f"no prepared group {command.group_id} of epoch {command.epoch}"
             return await self._engine_group_command(GroupCommand(
                 "migrate", Future(), link=prepared[1], group_id=command.group_id,
-                layer_link=prepared[2], blocks=command.blocks))
+                layer_link=prepared[2], blocks=command.blocks), figures)
         if isinstance(command, RestoreGroup):
             if self.role.group_id != command.group_id or self.role.state != "pipelined":
                 return f"not in pipelined group {command.group_id}"
             if self.role.follows:
                 return None  # the leader drives the restore over the group's link
-            return await self._engine_group_command(GroupCommand("restore", Future()))
+            return await self._engine_group_command(GroupCommand("restore", Future()), figures)
         return f"unknown command {type(command).__name__}"
 
     async def _prepare(self, command: PrepareGroup) -> str | None:
@@ -493,8 +495,10 @@ class WorkerServer:
             prepared[1].close()
             prepared[2].close()
 
-    async def _engine_group_command(self, command: GroupCommand) -> str | None:
-        """Hand a drop or restore to the engine thread and wait; a span records its phases."""
+    async def _engine_group_command(self, command: GroupCommand,
+                                    figures: dict[str, float]) -> str | None:
+        """Hand a drop or restore to the engine thread and wait; a span records its phases,
+        which also go into ``figures``."""
         self._reconfiguring = True
         name = {"join": "worker.drop"}.get(command.kind, f"worker.{command.kind}")
         with self._tracer.start_as_current_span(name, attributes={
@@ -510,6 +514,7 @@ class WorkerServer:
                 self._reconfiguring = False
             for phase, seconds in phases.items():
                 span.set_attribute(f"kunserve.phase.{phase}_s", seconds)
+            figures.update(phases)
         return None
 
     def _on_moved(self, event: HandedOff | Adopted | RoleChanged) -> None:

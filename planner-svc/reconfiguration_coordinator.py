@@ -158,7 +158,8 @@ class ReconfigurationCoordinator:
             return ReconfigureReply(
                 ok=moved.ok, status=200 if moved.ok else UNAVAILABLE, epoch=epoch,
                 group=group_id, error=None if moved.ok else moved.errors(),
-                phase_seconds={"prepare": prepare.seconds, "migrate": moved.seconds})
+                phase_seconds={"prepare": prepare.seconds, "migrate": moved.seconds},
+                moved_requests=int(moved.replies[source].figures.get("requests", 0)))
         finally:
             self._busy.difference_update(members)
 

@@ -53,7 +53,9 @@ class ReconfigurationRecorder:
             return reply
         after = self.topology.current
         members = list(members) or members_of(after, reply.group)
-        await self._count(f"{action}s_{'ok' if reply.ok else 'failed'}")
+        await self._count(f"{action}s_{'ok' if reply.ok else 'failed'}",
+                          **({"migrated_requests": reply.moved_requests}
+                             if reply.moved_requests else {}))
         if self.ledger is not None:
             await self.ledger.record(
                 plan_id=plan_id or uuid.uuid4().hex, epoch=reply.epoch, time=started_wall,
@@ -83,14 +85,18 @@ class ReconfigurationRecorder:
             child.end(end_time=end)
             at = end
 
-    async def _count(self, field: str, **floats: float) -> None:
+    async def _count(self, field: str, **more: float) -> None:
+        """``field`` + 1, and each of ``more`` by its value (ints stay ints)."""
         if self.redis is None:
             return
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hincrby(RedisKeys.PLANNER_STATS, field, 1)
-                for name, value in floats.items():
-                    pipe.hincrbyfloat(RedisKeys.PLANNER_STATS, name, value)
+                for name, value in more.items():
+                    if isinstance(value, int):
+                        pipe.hincrby(RedisKeys.PLANNER_STATS, name, value)
+                    else:
+                        pipe.hincrbyfloat(RedisKeys.PLANNER_STATS, name, value)
                 await pipe.execute()
         except TRANSIENT_ERRORS as exc:
             logger.warning("could not count %s in Redis: %r", field, exc)

@@ -155,7 +155,8 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
 class PlannerStats(msgspec.Struct, kw_only=True):
     """The planner's counters (``RedisKeys.PLANNER_STATS``), exported by the gateway's
     ``/metrics`` as ``kunserve:drops_total``, ``kunserve:restores_total``,
-    ``kunserve:migrations_total`` and ``kunserve:plan_seconds``."""
+    ``kunserve:migrations_total``, ``kunserve:migrated_requests_total`` and
+    ``kunserve:plan_seconds``."""
 
     drops_ok: int = 0  # groups formed (automatic and admin drops)
     drops_failed: int = 0  # drops started that left the members solo
@@ -163,6 +164,7 @@ class PlannerStats(msgspec.Struct, kw_only=True):
     restores_failed: int = 0
     migrations_ok: int = 0  # the llumnix policy's live migrations of running requests
     migrations_failed: int = 0
+    migrated_requests: int = 0  # requests those migrations moved
     plans: int = 0  # drop plans computed by the automatic planner
     plan_seconds_sum: float = 0.0  # time spent computing them
 
@@ -230,6 +232,8 @@ class ControlReply(msgspec.Struct, kw_only=True):
     ok: bool
     error: str | None = None
     seconds: float = 0.0  # how long this member took for the phase
+    # what the member measured (its phases' seconds; a migration's ``requests`` moved)
+    figures: dict[str, float] = {}
 
 
 class Reconfigure(msgspec.Struct, kw_only=True):
@@ -248,6 +252,7 @@ class ReconfigureReply(msgspec.Struct, kw_only=True):
     epoch: int = 0
     group: str = ""
     phase_seconds: dict[str, float] = {}  # e.g. prepare, commit, restore
+    moved_requests: int = 0  # a migration: the running requests it moved
 
 
 def encode(message: msgspec.Struct) -> bytes:

@@ -193,3 +193,26 @@ def test_the_gateway_exports_the_planner_counters():
                    'kunserve:restores_total{outcome="failed"} 0.0',
                    "kunserve:plan_seconds_count 3.0", "kunserve:plan_seconds_sum 0.0006"]:
         assert sample in text, text
+
+
+async def test_a_migration_counts_the_requests_it_moved(rclient):
+    """The recorder adds each migration's moved requests to the planner's counters in Redis
+    (a refusal moves none); the gateway reads them back and exports them."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kunserve.gateway.cluster_view import ClusterView
+    from kunserve.gateway.metrics import ClusterCollector
+
+    recorder = ReconfigurationRecorder(_Topology(Topology()), redis=rclient)
+    for moved in (3, 0, 2):
+        async def migrate(moved=moved) -> ReconfigureReply:
+            return ReconfigureReply(ok=True, epoch=1, group="migrate-x", moved_requests=moved,
+                                    phase_seconds={"prepare": 0.01, "migrate": 0.2})
+
+        await recorder.recorded("migration", "auto", migrate, members=["w0", "w1"])
+    stats = await ClusterView(rclient).planner_stats()
+    assert (stats.migrations_ok, stats.migrated_requests) == (3, 5)
+    registry, collector = CollectorRegistry(), ClusterCollector("m")
+    registry.register(collector)
+    collector.update([], 1, stats)
+    assert "kunserve:migrated_requests_total 5.0" in generate_latest(registry).decode()

@@ -10,6 +10,7 @@ import asyncio
 import httpx
 import pytest
 
+from kunserve.bench.mechanisms import metric_value as metric
 from kunserve.worker.engine import EngineConfig, LLMEngine
 from tests.conftest import hf_greedy, make_prompts
 from tests.stack import running_stack
@@ -29,11 +30,6 @@ def small_budget(model: str, blocks: int) -> int:
     """A budget whose KV holds ``blocks`` blocks (the worker's default engine limits)."""
     memory = LLMEngine(EngineConfig(model=model)).memory
     return memory.parameter_bytes + memory.reserve_bytes + blocks * memory.block_bytes
-
-
-def metric(text: str, name: str) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") or line.startswith(name + " "))
 
 
 async def burst(url: str, model_dir: str, n: int) -> tuple[dict, str]:
@@ -78,6 +74,7 @@ def test_llumnix_balances_by_migration_and_keeps_every_token(model, tmp_path):
     # migration the planner started succeeded (the mechanism: test_migration.py)
     assert 'kunserve:migrations_total{outcome="ok"}' in metrics
     assert metric(metrics, 'kunserve:migrations_total{outcome="failed"}') == 0
+    assert "kunserve:migrated_requests_total" in metrics  # how many moved, if any did
 
 
 @pytest.mark.parametrize("policy", ["infercept", "vllm"])

@@ -160,6 +160,8 @@ async def test_migration_moves_running_requests_with_their_kv(
     replies = await to_all(nc, ids, MigrateRequests(epoch=1, group_id=group.group_id,
                                                     blocks=1000))
     assert all(r.ok for r in replies), replies
+    assert replies[0].figures["requests"] == 3  # the source says what it moved (the planner
+    assert replies[0].figures["stop"] > 0       # counts it), and its phases
     for stream, prompt in zip(streams, prompts, strict=True):
         updates = await stream.finished(60)
         assert [u.error for u in updates if u.error] == []

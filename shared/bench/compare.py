@@ -32,9 +32,10 @@ from pathlib import Path
 
 from kunserve.bench.cluster_monitor import read_states
 from kunserve.bench.local_stack import LocalStack, StackOptions
+from kunserve.bench.mechanisms import counted_between, fetch_counters
 from kunserve.bench.plots import plot_ttft_cdf
 from kunserve.bench.replay import RunResult, add_run_args, replay_scenario, write_result
-from kunserve.bench.report import format_table
+from kunserve.bench.report import format_mechanisms, format_table
 from kunserve.bench.results import summary_row, write_csv, write_json
 from kunserve.bench.scenario import Scenario, add_scenario_args, build_scenario, describe
 from kunserve.bench.stack_probe import fetch_stack_info, warm_up
@@ -103,8 +104,13 @@ def run(args: argparse.Namespace) -> int:
                 scenario = asyncio.run(build_scenario(args, stack.url, info))
                 print(describe(scenario.description), flush=True)
             asyncio.run(warm_up(stack.url, info.model, info.vocab_size))
+            before = asyncio.run(fetch_counters(stack.url))
             result = asyncio.run(replay_scenario(args, stack.url, scenario, policy, baseline))
-            result.config.update(policy=policy, instances=args.instances)
+            mechanisms = counted_between(before, asyncio.run(fetch_counters(stack.url)))
+            mechanisms["pipelined at start"] = sum(state == "pipelined"
+                                                   for state in (baseline or {}).values())
+            result.config.update(policy=policy, instances=args.instances,
+                                 mechanisms=mechanisms)
             results.append(result)
     _report(args.out, results)
     return 0
@@ -150,12 +156,14 @@ def _report(out: Path, results: list[RunResult]) -> None:
     write_json(out / "compare.json", {
         "slo_reference": ref and asdict(ref),
         "scenario": results[0].config if results else {},
-        "policies": {name: {"summary": s.to_dict(), "slo": [asdict(p) for p in slo[name]]}
-                     for name, s in summaries.items()}})
+        "policies": {r.name: {"summary": summaries[r.name].to_dict(),
+                              "slo": [asdict(p) for p in slo[r.name]],
+                              "mechanisms": r.config.get("mechanisms", {})} for r in results}})
     write_csv(out / "compare.csv", [{"policy": n, **summary_row(s)}
                                     for n, s in summaries.items()])
     write_csv(out / "slo.csv", [{"policy": n, **asdict(p)} for n, points in slo.items()
                                 for p in points])
     print()
     print(format_table(summaries, slo, baseline=BASELINE))
+    print(format_mechanisms({r.name: r.config.get("mechanisms", {}) for r in results}))
     print(f"\nresults in {out}")

@@ -60,7 +60,12 @@ def format_table(summaries: Mapping[str, Summary], slo: Mapping[str, Sequence[Sl
         cells = [label, *(_cell(values[p], fmt) for p in policies)]
         cells += [_ratio(values[p], values[baseline]) for p in others]
         lines.append(cells)
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    return _layout(lines)
+
+
+def _layout(lines: list[list[str]]) -> str:
+    """Columns aligned: the labels to the left, the values to the right."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
     return "\n".join(
         "  ".join(cell.ljust(widths[0]) if i == 0 else cell.rjust(widths[i])
                   for i, cell in enumerate(row)) for row in lines)
@@ -76,3 +81,13 @@ def _ratio(value: float | None, base: float | None) -> str:
     if base == 0:
         return "=" if value == 0 else "inf"
     return f"{value / base:.2f}x"
+
+
+def format_mechanisms(counts: Mapping[str, Mapping[str, float]]) -> str:
+    """What each policy did during its replay (``mechanisms.py``), one column per policy."""
+    policies = list(counts)
+    labels = list(dict.fromkeys(label for c in counts.values() for label in c))
+    lines = [["what each policy did", *policies]]
+    lines += [[label, *(_cell(counts[p].get(label), "{:.0f}") for p in policies)]
+              for label in labels]
+    return "\n" + _layout(lines)
