@@ -4,8 +4,9 @@ request, and each behaves as named in the counters the compare reads off ``/metr
 around its replay: ``vllm`` preempts by recompute and never swaps or drops, ``infercept``
 swaps, ``kunserve`` drops and restores, ``vllm-pp`` serves from pipelines formed at start
 and never restores. ``llumnix`` never drops; whether it migrates depends on one instance
-running short while the other has room, so only its counter is checked
-(``test_migration.py`` proves the mechanism, ``test_planner_migration.py`` the decision)."""
+running short while the other has room, which a burst the router spreads evenly does not
+give it, so only its counter is checked here (``test_llumnix_planner.py`` makes it migrate:
+the real planner, two workers, one of them short)."""
 
 from __future__ import annotations
 
