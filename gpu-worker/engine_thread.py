@@ -399,7 +399,12 @@ class EngineThread:
             logger.warning("migration failed: %s", exc)
             command.done.set_exception(exc)
         else:
-            command.done.set_result(migration.stats.phases())
+            stats = migration.stats
+            logger.info("migration %s: %s %d request(s) (%d blocks copied while decoding, %d "
+                        "in the stop)", link.rank and "in" or "out",
+                        "took" if link.rank else "moved", stats.requests, stats.copied_blocks,
+                        stats.stop_blocks)
+            command.done.set_result(stats.phases())
         finally:
             close_in_background(link, command.layer_link)
             self._migrations.discard(asyncio.current_task())

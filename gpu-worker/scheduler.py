@@ -67,6 +67,9 @@ class Scheduler:
         # scheduled and not yet back through update_from_output: the requests, how many of
         # their chunks and tokens (more than one chunk only with lookahead)
         self._in_flight: dict[str, Request] = {}
+        # requests a live migration is copying out: never preemption victims (the copy would
+        # be wasted); a request short of blocks waits instead of preempting one of them
+        self.pinned: set[str] = set()
         self._flying_chunks: Counter[str] = Counter()
         self._flying_tokens: Counter[str] = Counter()
         self._orphans: Counter[str] = Counter()  # finished in flight: chunks to ignore
@@ -306,13 +309,15 @@ class Scheduler:
         return self.block_manager.usage().used > mine
 
     def _victim(self, request: Request) -> Request | None:
-        """The most recently admitted running request not in flight; ``request`` itself when
-        it is the newest; None when only in-flight requests are newer (wait for them)."""
+        """The most recently admitted running request neither in flight nor pinned;
+        ``request`` itself when it is the newest (and not pinned); None when only in-flight or
+        pinned requests are newer (wait for them)."""
         newer = self.running[self.running.index(request) + 1:]
         for candidate in reversed(newer):
-            if candidate.request_id not in self._in_flight:
+            if candidate.request_id not in self._in_flight and (
+                    candidate.request_id not in self.pinned):
                 return candidate
-        return None if newer else request
+        return None if newer or request.request_id in self.pinned else request
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int, seats: int,
                           allowed: dict[str, int] | None = None) -> None:

@@ -2,7 +2,8 @@
 
 An instance's *freeness* is the KV blocks it has left once its queue is admitted:
 ``blocks_total - blocks_used - ceil(queued_tokens / block_size)``. When the least free live
-solo instance is short (negative freeness, requests queued) and the freest one has room
+solo instance is short (negative freeness, requests queued, and running requests to move:
+only running ones migrate; a burst just queued has none yet) and the freest one has room
 (no queue, at least ``min_free_fraction`` of its blocks free), running requests holding up to
 ``min(shortfall, room / 2)`` blocks move from the first to the second: the source admits its
 queue into the freed blocks, the destination keeps half its room for its own arrivals.
@@ -39,7 +40,7 @@ def decide_migration(topology: Topology, loads: Mapping[str, InstanceLoad],
     source = min(solo, key=lambda load: (freeness(load), load.instance_id))
     destination = max(solo, key=lambda load: (freeness(load), load.instance_id))
     short, room = -freeness(source), freeness(destination)
-    if (short <= 0 or source.waiting == 0 or destination.waiting > 0
+    if (short <= 0 or source.waiting == 0 or source.running == 0 or destination.waiting > 0
             or room < max(1, min_free_fraction * destination.blocks_total)):
         return None
     return Migration(source.instance_id, destination.instance_id,

@@ -55,9 +55,9 @@ class Migrator(OneTaskAtATime):
             reply = None
         if reply is not None and reply.ok:
             self.migrations += 1
-            logger.info("migrated up to %d blocks of requests %s -> %s (%.2f s)",
-                        migration.blocks, migration.source, migration.destination,
-                        sum(reply.phase_seconds.values()))
+            logger.info("migrated %d request(s) (up to %d blocks) %s -> %s (%.2f s)",
+                        reply.moved_requests, migration.blocks, migration.source,
+                        migration.destination, sum(reply.phase_seconds.values()))
         else:
             logger.warning("migration %s -> %s failed: %s", migration.source,
                            migration.destination, reply.error if reply else "error")

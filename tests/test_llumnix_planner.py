@@ -20,8 +20,9 @@ from tests.test_worker_server import make_request, send
 
 pytest_plugins = ["tests.mesh_fixtures"]
 
-MAX_TOKENS = 120
-BLOCKS = 16  # w0 runs two of the requests at once; the rest queue
+MAX_TOKENS = 120  # long enough not to end during a migration on a loaded machine
+BLOCKS = 24  # w0 runs two of the requests (9-10 blocks each) at once; the rest queue
+# the planner moves up to half w1's free blocks (12): a request of 9-10 blocks always fits
 
 
 async def wait_for_planner(log_path, timeout: float = 30.0) -> None:
@@ -39,13 +40,13 @@ async def test_the_planner_migrates_from_the_short_instance_to_the_idle_one(
     memory = LLMEngine(EngineConfig(model=mesh_model_dir, max_num_batched_tokens=256,
                                     max_num_seqs=16)).memory  # the workers' limits
     budget = memory.parameter_bytes + memory.reserve_bytes + BLOCKS * memory.block_bytes
-    spawn_workers(["w0", "w1"], memory_per_instance=budget)
+    workers = spawn_workers(["w0", "w1"], memory_per_instance=budget)
     planner = start_service("kunserve.planner", "planner", service_env(
         nats_server.url, redis_url, model=mesh_model_dir, policy="llumnix",
         topology_poll_interval=0.05), tmp_path)
     try:
         await wait_for_planner(planner.log_path)
-        prompts = make_prompts(8, vocab=500, seed=21, lengths=[20 + i for i in range(8)])
+        prompts = make_prompts(10, vocab=500, seed=21, lengths=[16 + i for i in range(10)])
         streams = [await send(nc, "w0", make_request(p, MAX_TOKENS)) for p in prompts]
         ended_on = []
         for stream, prompt in zip(streams, prompts, strict=True):
@@ -58,6 +59,8 @@ async def test_the_planner_migrates_from_the_short_instance_to_the_idle_one(
                                 PlannerStats, strict=False)
     finally:
         planner.stop()
-    assert "w1" in ended_on, (ended_on, planner.log()[-3000:])
+    logs = "\n".join(line for w in workers for line in w.log().splitlines()
+                     if "migrat" in line)
+    assert "w1" in ended_on, (ended_on, planner.log()[-3000:], logs)
     assert stats.migrations_ok >= 1 and stats.migrations_failed == 0, stats
     assert stats.migrated_requests >= ended_on.count("w1"), (stats, ended_on)

@@ -9,9 +9,10 @@ from kunserve.protocol import InstanceInfo, InstanceLoad, Topology
 
 
 def load(instance_id: str, used: int, queued_tokens: int = 0, waiting: int = 0,
-         total: int = 100) -> InstanceLoad:
+         total: int = 100, running: int = 4) -> InstanceLoad:
     return InstanceLoad(instance_id=instance_id, blocks_total=total, blocks_used=used,
-                        block_size=16, queued_tokens=queued_tokens, waiting=waiting)
+                        block_size=16, queued_tokens=queued_tokens, waiting=waiting,
+                        running=running)
 
 
 def topology(*ids: str, pipelined: tuple[str, ...] = ()) -> Topology:
@@ -38,6 +39,11 @@ def test_no_migration_when_nobody_is_short_or_nobody_has_room():
     assert decide_migration(topology("a", "b"), crowded, ()) is None  # 4 free < 10%
     queued_everywhere = {"a": load("a", 95, 16 * 20, 3), "b": load("b", 10, 16, 1)}
     assert decide_migration(topology("a", "b"), queued_everywhere, ()) is None
+    # a burst just queued on a: short, but nothing running yet that could move
+    just_queued = {"a": load("a", 0, 16 * 200, 16, running=0), "b": load("b", 0)}
+    assert decide_migration(topology("a", "b"), just_queued, ()) is None
+    just_queued["a"] = load("a", 30, 16 * 170, 14, running=2)  # its first requests started
+    assert decide_migration(topology("a", "b"), just_queued, ()) == Migration("a", "b", 50)
 
 
 def test_busy_and_pipelined_instances_are_left_alone():

@@ -239,6 +239,24 @@ def test_max_num_seqs_caps_running():
 
 
 # -- preemption ------------------------------------------------------------------------------
+def test_pinned_requests_are_never_preemption_victims():
+    """A request a migration is copying out is pinned: the request short of a block waits
+    instead of preempting it, and a pinned request short of one waits too."""
+    sched = make_scheduler(num_blocks=4, block_size=4)
+    a, b = add_all(sched, [make_request("a", prompt_len=8, max_tokens=4, base=1000,
+                                        ignore_eos=True),
+                           make_request("b", prompt_len=8, max_tokens=4, base=2000,
+                                        ignore_eos=True)])
+    step(sched, {"a": 11, "b": 21})  # 4 blocks used; each needs a 3rd for its 9th token
+    sched.pinned.add("b")
+    out, _ = step(sched, {"a": 12, "b": 22})
+    assert out.chunks == [] and out.preempted == []
+    assert a.status == b.status == RequestStatus.RUNNING
+    sched.pinned.clear()  # the migration is over
+    out, _ = step(sched, {"a": 12})
+    assert out.preempted == ["b"] and scheduled_ids(out) == ["a"]
+
+
 def test_a_lone_request_short_of_blocks_waits_for_blocks_held_elsewhere():
     """Blocks held outside the scheduler (a drop's requests whose KV is moving) come back:
     the one running request that needs one of them waits, keeping its KV, instead of being

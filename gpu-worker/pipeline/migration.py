@@ -94,6 +94,9 @@ class MigrationSource:
             if 0 < len(table) and total + len(table) <= max_blocks:
                 self._copied[request.request_id] = ([], request.num_preemptions)
                 total += len(table)
+        # the instance is short of KV: its newest requests are the next preemption victims,
+        # and a preempted one could not move any more
+        scheduler.pinned.update(self._copied)
         self._live = live
         self._copy(engine)
 
@@ -119,6 +122,7 @@ class MigrationSource:
         if self._stage == "copy":
             self.stats.copy_s = time.perf_counter() - self.stats.started_at
             if answer.error is not None:
+                self._unpin(engine)
                 self.done = True
             elif not (self._live and self.copy_rounds < MAX_COPY_ROUNDS and self._copy(engine)):
                 self._stop(engine)
@@ -127,6 +131,9 @@ class MigrationSource:
         self.stats.stop_s = time.perf_counter() - self._stopped_at
         self._release(engine, taken_back=answer.error is not None)
         self.done = True
+
+    def _unpin(self, engine: LLMEngine) -> None:
+        engine.scheduler.pinned.difference_update(self._copied)
 
     def _copy(self, engine: LLMEngine) -> bool:
         """Send the blocks of the chosen requests that are full and not copied yet (none
@@ -164,6 +171,7 @@ class MigrationSource:
     def abort(self, engine: LLMEngine) -> None:
         """The link broke: whatever was stopped serves on here."""
         self._release(engine, taken_back=True)
+        self._unpin(engine)
 
     def _stop(self, engine: LLMEngine) -> None:
         if engine.drain():
@@ -185,6 +193,7 @@ class MigrationSource:
         self.stats.stop_blocks = len(rest)
 
     def _release(self, engine: LLMEngine, taken_back: bool) -> None:
+        self._unpin(engine)
         for state in self._states:
             engine.block_manager.free(_HOLD + state.request_id)
         if taken_back and self._states:
