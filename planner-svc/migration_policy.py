@@ -5,8 +5,10 @@ An instance's *freeness* is the KV blocks it has left once its queue is admitted
 solo instance is short (negative freeness, requests queued, and running requests to move:
 only running ones migrate; a burst just queued has none yet) and the freest one has room
 (no queue, at least ``min_free_fraction`` of its blocks free), running requests holding up to
-``min(shortfall, room / 2)`` blocks move from the first to the second: the source admits its
-queue into the freed blocks, the destination keeps half its room for its own arrivals.
+half that room move from the first to the second, newest first, as Llumnix picks them: the
+source admits its queue into the freed blocks, the destination keeps half its room for its
+own arrivals. (A budget of the shortfall alone, tried first, often fitted no request: a
+request holds more blocks than a small shortfall, and then nothing moved.)
 """
 
 from __future__ import annotations
@@ -43,5 +45,4 @@ def decide_migration(topology: Topology, loads: Mapping[str, InstanceLoad],
     if (short <= 0 or source.waiting == 0 or source.running == 0 or destination.waiting > 0
             or room < max(1, min_free_fraction * destination.blocks_total)):
         return None
-    return Migration(source.instance_id, destination.instance_id,
-                     max(1, min(short, room // 2)))
+    return Migration(source.instance_id, destination.instance_id, max(1, room // 2))

@@ -20,9 +20,11 @@ from tests.test_worker_server import make_request, send
 
 pytest_plugins = ["tests.mesh_fixtures"]
 
-MAX_TOKENS = 120  # long enough not to end during a migration on a loaded machine
-BLOCKS = 24  # w0 runs two of the requests (9-10 blocks each) at once; the rest queue
-# the planner moves up to half w1's free blocks (12): a request of 9-10 blocks always fits
+MAX_TOKENS = 100  # long enough not to end during a migration on a loaded machine
+# prompts of 90-99 tokens (6-7 blocks): w0 admits four, which then preempt each other as they
+# grow, so it always has requests waiting; a request never holds more than 13 blocks, so it
+# fits what the planner moves, up to half w1's free blocks (14)
+BLOCKS = 28
 
 
 async def wait_for_planner(log_path, timeout: float = 30.0) -> None:
@@ -46,7 +48,7 @@ async def test_the_planner_migrates_from_the_short_instance_to_the_idle_one(
         topology_poll_interval=0.05), tmp_path)
     try:
         await wait_for_planner(planner.log_path)
-        prompts = make_prompts(10, vocab=500, seed=21, lengths=[16 + i for i in range(10)])
+        prompts = make_prompts(10, vocab=500, seed=21, lengths=[90 + i for i in range(10)])
         streams = [await send(nc, "w0", make_request(p, MAX_TOKENS)) for p in prompts]
         ended_on = []
         for stream, prompt in zip(streams, prompts, strict=True):
