@@ -175,11 +175,9 @@ def test_a_destination_refuses_what_would_leave_its_own_requests_no_block(
     pair.assert_exact(llama_dir)
 
 
-def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_dir):
-    """The destination receives the final stop's requests but goes away before it answers:
-    the source takes them back with the KV it held and finishes them, none lost."""
-    pair = Pair(llama_dir)
-
+def _source_that_gets_no_answer(pair: Pair):
+    """The source's side of a migration whose final answer never comes: it copies, stops
+    the requests (they leave its engine), finds the link broken and takes them back."""
     def source(link):
         migration = MigrationSource(pair.src, link, max_blocks=1000)
         migration.wait()
@@ -189,6 +187,15 @@ def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_
             migration.wait()
         migration.abort(pair.src)
         return migration
+
+    return source
+
+
+def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_dir):
+    """The destination receives the final stop's requests but goes away before it answers:
+    the source takes them back with the KV it held and finishes them, none lost."""
+    pair = Pair(llama_dir)
+    source = _source_that_gets_no_answer(pair)
 
     def destination(link):
         migration = MigrationDestination(pair.dst, link)
@@ -211,15 +218,7 @@ def test_a_destination_that_cannot_answer_drops_what_it_took(llama_dir):
     them before any step runs them, the source takes them back; each request is served by
     exactly one engine, to the last token."""
     pair = Pair(llama_dir)
-
-    def source(link):
-        migration = MigrationSource(pair.src, link, max_blocks=1000)
-        migration.wait()
-        migration.advance(pair.src)  # stopped
-        with pytest.raises(StageLinkError):
-            migration.wait()
-        migration.abort(pair.src)
-        return migration
+    source = _source_that_gets_no_answer(pair)
 
     def destination(link):
         migration = MigrationDestination(pair.dst, link)
