@@ -268,6 +268,11 @@ class LLMEngine:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._detokenizers.pop(request_id, None)
 
+    @property
+    def num_in_flight(self) -> int:
+        """Scheduled steps not collected yet."""
+        return len(self._in_flight)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._rejected or self._in_flight)
 

@@ -296,7 +296,7 @@ class EngineThread:
             await self._outlet.emit(Accepted(command.request_id, len(command.prompt_token_ids)))
 
     async def _step(self, engine: LLMEngine) -> None:
-        submitted = engine.num_submitted
+        submitted, in_flight = engine.num_submitted, engine.num_in_flight
         try:
             outputs = engine.step()
         except StageLinkError as exc:  # the leader's group broke: serve its requests solo
@@ -313,8 +313,8 @@ class EngineThread:
         self._dirty = True
         if outputs:
             await self._outlet.emit(outputs)
-        if engine.num_submitted == submitted and not outputs:  # nothing could run (blocks
-            await asyncio.sleep(0.001)                          # a drop holds): no spinning
+        if engine.num_submitted == submitted and not in_flight and not outputs:
+            await asyncio.sleep(0.001)  # nothing ran (blocks a drop holds): no spinning
 
     # -- reconfiguration -------------------------------------------------------------------------
     async def _reconfigure(self, engine: LLMEngine, command: GroupCommand) -> None:
