@@ -116,7 +116,9 @@ class LLMEngine:
         self.install(runner, memory)
         paged_decode.available()  # build or load the fused kernel now, not on the first request
         self._in_flight: deque[SchedulerOutput] = deque()
-        self.num_submitted = 0  # scheduled steps handed to the runner, ever
+        # the last step ran nothing: nothing was in flight and nothing could be scheduled
+        # (e.g. its blocks are held while a drop's KV moves); the caller may pause
+        self.stalled = False
         self._detokenizers: dict[str, IncrementalDetokenizer] = {}
         self._rejected: list[RequestOutput] = []
         self._next_id = 0
@@ -268,11 +270,6 @@ class LLMEngine:
         self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
         self._detokenizers.pop(request_id, None)
 
-    @property
-    def num_in_flight(self) -> int:
-        """Scheduled steps not collected yet."""
-        return len(self._in_flight)
-
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or bool(self._rejected or self._in_flight)
 
@@ -284,8 +281,11 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Fill the runner with up to ``depth`` scheduled steps, then take back the oldest."""
         outputs, self._rejected = self._rejected, []
-        self._fill()
-        return outputs + self._collect()
+        idle = not self._in_flight
+        submitted = self._fill()
+        outputs += self._collect()
+        self.stalled = idle and not submitted and not outputs
+        return outputs
 
     def drain(self) -> list[RequestOutput]:
         """Take back every step in flight without scheduling more."""
@@ -294,15 +294,18 @@ class LLMEngine:
             outputs += self._collect()
         return outputs
 
-    def _fill(self) -> None:
+    def _fill(self) -> int:
+        """How many scheduled steps it handed to the runner."""
+        submitted = 0
         while len(self._in_flight) < self.runner.depth:
             scheduled = self.scheduler.schedule()
             if scheduled.is_empty:
                 self.runner.release(scheduled.finished)
-                return
+                break
             self.runner.submit(scheduled)
             self._in_flight.append(scheduled)
-            self.num_submitted += 1
+            submitted += 1
+        return submitted
 
     def _collect(self) -> list[RequestOutput]:
         """Update from the oldest step in flight (or from none: reports capped requests)."""

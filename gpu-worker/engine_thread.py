@@ -175,6 +175,11 @@ class EngineThread:
         self._joining: GroupCommand | None = None  # a leader's join, done when the KV is
         self._hold_steps = False
 
+    @property
+    def _exchange(self) -> reconfigure.KVExchange | None:
+        """The KV exchange of the drop that made this instance's group, if any."""
+        return self._membership.exchange if self._membership is not None else None
+
     def start(self) -> Future:
         """Start the thread; the future resolves once the engine is built and the outlet
         open (or fails)."""
@@ -264,16 +269,14 @@ class EngineThread:
                 await self._complete_drop(engine)  # else that group is gone already
             return
         if isinstance(command, AbortCommand):
-            exchange = self._membership.exchange if self._membership is not None else None
-            if exchange is not None and self._membership.link.is_leader:  # held while its
-                exchange.cancel(command.request_id)                      # KV moves: dropped
+            if self._exchange is not None:  # held while its KV moves: never adopted
+                self._exchange.cancel(command.request_id)
             engine.abort_request(command.request_id)
             await self._outlet.emit(Aborted(command.request_id, command.error))
             return
         self._released[0] += command.reserved_tokens
         self._released[1] += 1
-        exchange = self._membership.exchange if self._membership is not None else None
-        if exchange is not None and command.request_id in exchange.held:
+        if self._exchange is not None and command.request_id in self._exchange.held:
             await self._outlet.emit([RequestOutput(
                 command.request_id, [], "", True, "error",
                 f"request id {command.request_id!r} is already in the engine",
@@ -296,7 +299,6 @@ class EngineThread:
             await self._outlet.emit(Accepted(command.request_id, len(command.prompt_token_ids)))
 
     async def _step(self, engine: LLMEngine) -> None:
-        submitted, in_flight = engine.num_submitted, engine.num_in_flight
         try:
             outputs = engine.step()
         except StageLinkError as exc:  # the leader's group broke: serve its requests solo
@@ -313,8 +315,8 @@ class EngineThread:
         self._dirty = True
         if outputs:
             await self._outlet.emit(outputs)
-        if engine.num_submitted == submitted and not in_flight and not outputs:
-            await asyncio.sleep(0.001)  # nothing ran (blocks a drop holds): no spinning
+        if engine.stalled:  # nothing could run (blocks a drop holds): no spinning
+            await asyncio.sleep(0.001)
 
     # -- reconfiguration -------------------------------------------------------------------------
     async def _reconfigure(self, engine: LLMEngine, command: GroupCommand) -> None:
@@ -339,8 +341,7 @@ class EngineThread:
             logger.warning("%s failed: %s", command.kind, exc)
             command.done.set_exception(exc)
         else:
-            if self._membership is not None and self._membership.exchange is not None and (
-                    self._membership.link.is_leader):
+            if self._exchange is not None and self._membership.link.is_leader:
                 self._joining = command  # done once the KV is in place (``_complete_drop``)
             else:  # a copy: a follower's exchange thread adds its phases later
                 command.done.set_result(dict(phases))
@@ -400,10 +401,9 @@ class EngineThread:
             command.done.set_exception(exc)
         else:
             stats = migration.stats
-            logger.info("migration %s: %s %d request(s) (%d blocks copied while decoding, %d "
-                        "in the stop)", link.rank and "in" or "out",
-                        "took" if link.rank else "moved", stats.requests, stats.copied_blocks,
-                        stats.stop_blocks)
+            logger.info("migration %s %d request(s) (%d blocks copied while decoding, %d in "
+                        "the stop)", "in: took" if link.rank else "out: moved", stats.requests,
+                        stats.copied_blocks, stats.stop_blocks)
             command.done.set_result(stats.phases())
         finally:
             close_in_background(link, command.layer_link)
@@ -553,8 +553,7 @@ class EngineThread:
         s = self.settings
         if since < s.liveness_ttl_ms / 3 and not (self._dirty and since >= s.load_refresh_ms):
             return
-        exchange = self._membership.exchange if self._membership is not None else None
-        held = len(exchange.unadopted()) if exchange is not None else 0
+        held = len(self._exchange.unadopted()) if self._exchange is not None else 0
         await self._outlet.emit(LoadReport(snapshot_load(engine, s.instance_id, self.role, held),
                                            *self._released))
         self._released = [0, 0]

@@ -191,6 +191,16 @@ def _source_that_gets_no_answer(pair: Pair):
     return source
 
 
+def _destination_at_the_stop(pair: Pair, link) -> MigrationDestination:
+    """The destination once it accepted the copy and received the final stop's requests
+    (not taken yet: its next ``advance`` would)."""
+    migration = MigrationDestination(pair.dst, link)
+    migration.wait()
+    migration.advance(pair.dst)
+    migration.wait()
+    return migration
+
+
 def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_dir):
     """The destination receives the final stop's requests but goes away before it answers:
     the source takes them back with the KV it held and finishes them, none lost."""
@@ -198,10 +208,7 @@ def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_
     source = _source_that_gets_no_answer(pair)
 
     def destination(link):
-        migration = MigrationDestination(pair.dst, link)
-        migration.wait()
-        migration.advance(pair.dst)
-        migration.wait()  # the final stop's requests arrive; it never takes them
+        migration = _destination_at_the_stop(pair, link)  # it never takes them
         migration.abort(pair.dst)
         link.close()
         return migration
@@ -221,10 +228,7 @@ def test_a_destination_that_cannot_answer_drops_what_it_took(llama_dir):
     source = _source_that_gets_no_answer(pair)
 
     def destination(link):
-        migration = MigrationDestination(pair.dst, link)
-        migration.wait()
-        migration.advance(pair.dst)
-        migration.wait()
+        migration = _destination_at_the_stop(pair, link)
         send = link.send_message
 
         def broken(message, dst, tensor=None):

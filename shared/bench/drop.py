@@ -168,23 +168,30 @@ def measure(spec: DropBenchSpec) -> dict:
                              args=(spec, store.port, rank, prompts[rank], queued[rank],
                                    results))
                  for rank in range(spec.size)]
+    return summarize(spec, model.num_layers,
+                     run_members(processes, results, "the drop bench", "member"))
+
+
+def run_members(processes, results, what: str, who: str) -> list[dict]:
+    """Start the member processes, collect each one's ``(rank, report, error)`` from
+    ``results`` and return the reports in rank order; raises with every member's error
+    (``who`` names a member in it). No process outlives this."""
     for process in processes:
         process.start()
     try:
-        got = _collect(results, processes)
+        got = _collect(results, processes, what)
     finally:
         for process in processes:
             process.join(timeout=10)
             if process.is_alive():
                 process.kill()
-    errors = [f"member {rank}:\n{error}" for rank, _, error in got if error]
+    errors = [f"{who} {rank}:\n{error}" for rank, _, error in got if error]
     if errors:
-        raise RuntimeError("the drop bench failed\n" + "\n".join(errors))
-    return summarize(spec, model.num_layers, [report for _, report, _ in sorted(got)])
+        raise RuntimeError(f"{what} failed\n" + "\n".join(errors))
+    return [report for _, report, _ in sorted(got)]
 
 
-def _collect(results, processes, what: str = "the drop bench"
-             ) -> list[tuple[int, dict | None, str | None]]:
+def _collect(results, processes, what: str) -> list[tuple[int, dict | None, str | None]]:
     got: list[tuple[int, dict | None, str | None]] = []
     deadline = time.monotonic() + MEMBER_DEADLINE_S
     while len(got) < len(processes):

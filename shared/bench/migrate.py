@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from kunserve.bench.drop import HOST, TIMEOUT_S, _collect
+from kunserve.bench.drop import HOST, TIMEOUT_S, run_members
 
 MODES = ("stop-and-copy", "live")
 WARM_STEPS = 4  # decode steps before a migration starts
@@ -86,19 +86,7 @@ def measure(spec: MigrateBenchSpec) -> dict:
     results = ctx.Queue()
     processes = [ctx.Process(target=_member_main, daemon=True,
                              args=(spec, store.port, rank, results)) for rank in (0, 1)]
-    for process in processes:
-        process.start()
-    try:
-        got = _collect(results, processes, "the migrate bench")
-    finally:
-        for process in processes:
-            process.join(timeout=10)
-            if process.is_alive():
-                process.kill()
-    errors = [f"rank {rank}:\n{error}" for rank, _, error in got if error]
-    if errors:
-        raise RuntimeError("the migrate bench failed\n" + "\n".join(errors))
-    source, destination = (report for _, report, _ in sorted(got))
+    source, destination = run_members(processes, results, "the migrate bench", "rank")
     return summarize(spec, source, destination)
 
 
