@@ -191,6 +191,14 @@ def _source_that_gets_no_answer(pair: Pair):
     return source
 
 
+def _assert_the_source_finished_them(pair: Pair, llama_dir: str) -> None:
+    """The moved requests are back on the source, which alone serves them, token-exact."""
+    assert sorted(pair.src.scheduler.requests) == ["m0", "m2", "short"]
+    pair.finish()
+    assert {pair.last_from[r] for r in ("m0", "m2", "short")} == {"src"}
+    pair.assert_exact(llama_dir)
+
+
 def _destination_at_the_stop(pair: Pair, link) -> MigrationDestination:
     """The destination once it accepted the copy and received the final stop's requests
     (not taken yet: its next ``advance`` would)."""
@@ -214,10 +222,7 @@ def test_a_link_lost_after_the_stop_gives_the_requests_back_to_the_source(llama_
         return migration
 
     _pair(source, destination)
-    assert sorted(pair.src.scheduler.requests) == ["m0", "m2", "short"]
-    pair.finish()
-    assert {pair.last_from[r] for r in ("m0", "m2", "short")} == {"src"}
-    pair.assert_exact(llama_dir)
+    _assert_the_source_finished_them(pair, llama_dir)
 
 
 def test_a_destination_that_cannot_answer_drops_what_it_took(llama_dir):
@@ -244,7 +249,4 @@ def test_a_destination_that_cannot_answer_drops_what_it_took(llama_dir):
         return migration
 
     _pair(source, destination)
-    assert sorted(pair.src.scheduler.requests) == ["m0", "m2", "short"]
-    pair.finish()
-    assert {pair.last_from[r] for r in ("m0", "m2", "short")} == {"src"}
-    pair.assert_exact(llama_dir)
+    _assert_the_source_finished_them(pair, llama_dir)
