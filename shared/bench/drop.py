@@ -504,9 +504,9 @@ class _Member:
         Drains the group; returns the whole model."""
         from kunserve.worker.pipeline import reconfigure
 
+        steps, waited, start = 0, 0.0, time.perf_counter()  # before the pull can start
         reconfigure.order_layer_pull(membership)
         pulled = helper.submit(reconfigure.pull_layers, engine, membership)
-        steps, waited, start = 0, 0.0, time.perf_counter()
         while not pulled.done():
             requests = engine.scheduler.requests.values()
             if min(r.sampling_params.max_tokens - r.num_output_tokens for r in requests) > 2:
