@@ -174,6 +174,7 @@ class EngineThread:
         self._migrations: set[asyncio.Task] = set()  # live migrations (the llumnix policy)
         self._joining: GroupCommand | None = None  # a leader's join, done when the KV is
         self._hold_steps = False
+        self._turned_at = time.monotonic()  # the serving loop's last turn (``progressed_within``)
 
     @property
     def _exchange(self) -> reconfigure.KVExchange | None:
@@ -192,6 +193,11 @@ class EngineThread:
             self._loop.call_soon_threadsafe(self._inbox.put_nowait, command)
         except RuntimeError:  # the loop is closed: nothing would ever run the command
             logger.warning("engine stopped: dropped %s", type(command).__name__)
+
+    def progressed_within(self, seconds: float) -> bool:
+        """From any thread: the engine thread lives and its loop came round within
+        ``seconds`` (a step or a command that has run longer looks hung)."""
+        return self._thread.is_alive() and time.monotonic() - self._turned_at < seconds
 
     def stop(self, timeout: float | None = None) -> None:
         if self._thread.is_alive():
@@ -224,6 +230,7 @@ class EngineThread:
                 elif engine.has_unfinished():
                     await self._step(engine)
                 await self._report_load(engine)
+                self._turned_at = time.monotonic()
         finally:
             if self._joining is not None:
                 self._joining.done.set_exception(RuntimeError("the worker stopped"))

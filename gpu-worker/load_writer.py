@@ -66,6 +66,10 @@ class LoadWriter:
                 logger.warning("load write failed: %s", exc)
                 self._carry = [report.released_tokens, report.released_requests]
 
+    async def keep_alive(self) -> None:
+        """Push the load key's expiry back without new contents (nothing if it is gone)."""
+        await self.redis.pexpire(RedisKeys.load(self.instance_id), self.liveness_ttl_ms)
+
     async def _write(self, report: LoadReport) -> None:
         key = RedisKeys.load(self.instance_id)
         pipe = self.redis.pipeline(transaction=True)

@@ -19,7 +19,10 @@ requests on the generate subject get a receipt once the request is in the engine
 empty when taken, ``DRAINING_REPLY`` when the worker is stopping.
 
 Load goes to the Redis hash ``RedisKeys.load(id)`` (``InstanceLoad`` fields, PEXPIRE
-``liveness_ttl_ms``). The router's reservation for a request is released in the same MULTI as
+``liveness_ttl_ms``). The engine thread writes it between steps; this loop pushes its expiry
+back every ``liveness_ttl_ms / 3`` while the engine thread comes round within
+``engine_stall_s``, so one long step (a long prefill of a larger model on a CPU) does not make
+a live instance look dead to the gateways' failover and the routers. The router's reservation for a request is released in the same MULTI as
 the first load write that shows the request, so its demand is never counted twice or zero
 times. Where its job ends: no scheduling or model logic here.
 """
@@ -236,6 +239,7 @@ class WorkerServer:
         self._idle = asyncio.Event()
         self._load_written = asyncio.Event()
         self._writer: LoadWriter | None = None
+        self._keepalive: asyncio.Task | None = None
         self.memory_report: dict[str, int] = {}
         self._frame_bytes = FRAME_BYTES  # sized for the model once it is loaded
         self.role = Role()
@@ -271,6 +275,7 @@ class WorkerServer:
             await self._writer.close()
             await self._close_connections()
             raise
+        self._keepalive = asyncio.create_task(self._keep_alive())
         logger.info("worker %s serving %s", self.instance_id, self.settings.model)
 
     async def _connect(self) -> None:
@@ -301,6 +306,7 @@ class WorkerServer:
         if self.nc.is_connected:
             await self._subs[0].drain()  # late requests get DRAINING_REPLY: router reroutes
         await self._drain_requests()
+        self._keepalive.cancel()
         await asyncio.to_thread(self._engine.stop)
         await self._writer.close()
         try:  # gone from the routers' candidates now, not in liveness_ttl_ms
@@ -313,6 +319,17 @@ class WorkerServer:
         if self._owns_exporters:
             self._tracing.shutdown()
         logger.info("worker %s stopped", self.instance_id)
+
+    async def _keep_alive(self) -> None:
+        period_s = self.settings.liveness_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(period_s)
+            if not self._engine.progressed_within(self.settings.engine_stall_s):
+                continue  # hung: the key lapses, the gateways fail its requests over
+            try:
+                await self._writer.keep_alive()
+            except (RedisError, OSError) as exc:
+                logger.warning("could not refresh the load key: %s", exc)
 
     async def _close_connections(self) -> None:
         if self.nc is not None:

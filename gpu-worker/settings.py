@@ -41,7 +41,10 @@ class WorkerSettings(ServiceSettings):
     max_model_len: int | None = Field(None, ge=2)
     threads: int = Field(1, ge=1)  # torch intra-op threads: workers share the host's cores
     load_refresh_ms: int = Field(50, ge=1)  # load written at most this often while busy
-    liveness_ttl_ms: int = Field(2000, ge=30)  # load key expiry; refreshed every ttl/3 idle
+    liveness_ttl_ms: int = Field(2000, ge=30)  # load key expiry; refreshed every ttl/3
+    # the refresh goes on through a long step (a 2,048-token prefill of a larger model on a
+    # CPU: seconds) but stops when a step or command has run this long: presumed hung
+    engine_stall_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(5.0, ge=0)  # on stop: in-flight requests get this long
     # policies.py: infercept swaps preempted KV to host memory, the others recompute it
     policy: str = "kunserve"

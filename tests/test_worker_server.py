@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -261,6 +262,53 @@ async def test_load_key_is_kept_alive_when_idle_and_deleted_on_stop(nats_server,
         await server.stop()
         torch.set_num_threads(threads)
     assert not await rclient.exists(key)
+
+
+async def test_a_long_step_keeps_the_load_key_and_a_hung_engine_lets_it_lapse(
+        nats_server, redis_url, mesh_model_dir, nc, rclient, monkeypatch):
+    # one step made long on purpose: the engine thread busy, as in a 2,048-token prefill of a
+    # larger model on a CPU (the key used to be written only between steps, so the gateways
+    # failed a live instance's requests over after liveness_ttl_ms)
+    delays = []
+    step = LLMEngine.step
+
+    def long_step(engine):
+        if delays:
+            time.sleep(delays.pop())
+        return step(engine)
+
+    monkeypatch.setattr(LLMEngine, "step", long_step)
+    settings = make_settings(nats_server.url, redis_url, mesh_model_dir, liveness_ttl_ms=300,
+                             engine_stall_s=1.0)
+    threads = torch.get_num_threads()
+    server = WorkerServer(settings)
+    await server.start()
+    key = RedisKeys.load(settings.instance_id)
+
+    async def key_lapsed_while(stream: Stream) -> bool:
+        lapsed = False
+        while not stream.done.is_set():
+            lapsed |= not await rclient.exists(key)
+            await asyncio.sleep(0.02)
+        return lapsed
+
+    prompt = [5, 6, 7, 8]
+    try:
+        delays.append(0.8)  # 2.7 TTLs, under engine_stall_s: alive all along
+        stream = await send(nc, settings.instance_id, make_request(prompt, max_tokens=4))
+        assert not await key_lapsed_while(stream)
+        first = stream.token_ids
+        delays.append(2.0)  # over engine_stall_s: presumed hung, the key lapses ...
+        stream = await send(nc, settings.instance_id, make_request(prompt, max_tokens=4))
+        assert await key_lapsed_while(stream)
+        assert stream.token_ids == first
+        await wait_for_load(rclient, settings.instance_id, lambda load: True)  # ... then back
+    finally:
+        await server.stop()
+        torch.set_num_threads(threads)
+    reference = LLMEngine(EngineConfig(model=mesh_model_dir, **ENGINE)).generate(
+        [prompt], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert first == reference[0].token_ids
 
 
 # -- the process -----------------------------------------------------------------------------
