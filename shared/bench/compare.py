@@ -30,7 +30,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from kunserve.bench.cluster_monitor import read_states
+from kunserve.bench.cluster_monitor import read_states, wait_until_settled
 from kunserve.bench.local_stack import LocalStack, StackOptions
 from kunserve.bench.mechanisms import counted_between, fetch_counters
 from kunserve.bench.plots import plot_ttft_cdf
@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
                 scenario = asyncio.run(build_scenario(args, stack.url, info))
                 print(describe(scenario.description), flush=True)
             asyncio.run(warm_up(stack.url, info.model, info.vocab_size))
+            # the speed probe may have made it drop: that drop's restore is not the replay's
+            asyncio.run(wait_until_settled(stack.url, stack.admin_token, baseline, args.settle,
+                                           args.sample_interval))
             before = asyncio.run(fetch_counters(stack.url))
             result = asyncio.run(replay_scenario(args, stack.url, scenario, policy, baseline))
             mechanisms = counted_between(before, asyncio.run(fetch_counters(stack.url)))
