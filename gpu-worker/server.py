@@ -22,9 +22,10 @@ Load goes to the Redis hash ``RedisKeys.load(id)`` (``InstanceLoad`` fields, PEX
 ``liveness_ttl_ms``). The engine thread writes it between steps; this loop pushes its expiry
 back every ``liveness_ttl_ms / 3`` while the engine thread comes round within
 ``engine_stall_s``, so one long step (a long prefill of a larger model on a CPU) does not make
-a live instance look dead to the gateways' failover and the routers. The router's reservation for a request is released in the same MULTI as
-the first load write that shows the request, so its demand is never counted twice or zero
-times. Where its job ends: no scheduling or model logic here.
+a live instance look dead to the gateways' failover and the routers. The router's
+reservation for a request is released in the same MULTI as the first load write that shows
+the request, so its demand is never counted twice or zero times. Where its job ends: no
+scheduling or model logic here.
 """
 
 from __future__ import annotations
