@@ -12,7 +12,7 @@ give-back became a thread switch (measured on the tiny model: decode steps ~0.3 
 100 us of the loop's work, and every token waited for the loop's thread to wake up).
 
 Reconfiguration (``GroupCommand``) also runs here, between two steps: joining a pipeline group
-(``reconfigure.drop``; its KV exchange ends on a helper thread while the group serves, which
+(``reconfigure.drop``; its KV exchange ends on a helper thread beside the group, which
 wakes this loop to run the requests whose KV it moved, ``reconfigure.complete_drop``),
 restoring it, falling back to solo when the group breaks, and the
 llumnix policy's live migrations (``migration.py``: a task whose link waits run on a helper

@@ -127,3 +127,16 @@ def cut_at(items: Sequence[Work], cut: int) -> tuple[MicroBatch, MicroBatch]:
 def truncate(batch: Sequence[Work], max_tokens: int) -> MicroBatch:
     """The first ``max_tokens`` tokens of a micro-batch (the scheduler's per-step cap)."""
     return cut_at(batch, max_tokens)[0] if num_tokens(batch) > max_tokens else list(batch)
+
+
+def tokens_within(model: CostModel, seconds: float, limit: int) -> int:
+    """The most tokens (at most ``limit``) of one fresh prefill chunk that a micro-batch can
+    carry for at most ``seconds`` by ``model``; 0 when not even one fits."""
+    lo, hi = 0, max(0, limit)  # predict(lo tokens) <= seconds, or lo == 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if model.predict([(0, mid)]) <= seconds:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

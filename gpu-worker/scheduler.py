@@ -26,11 +26,17 @@ they were sent, so its keys and values are written before the next chunk reads t
 known tokens go ahead this way (a chunk that samples is always a request's last); a request
 with a chunk in flight is still never preempted. With no prefill queued (decodes only)
 outputs are formed as without lookahead.
+
+A token cap (``cap_tokens``) lowers every output's budget for a while (0: nothing goes out).
+A group's leader uses it around a drop: nothing else runs while the KV of the requests it
+took over is moving, then small micro-batches until each of them has gone out once, so they
+are not stuck behind a queued prefill.
 """
 
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from kunserve.worker import lookahead
@@ -81,6 +87,39 @@ class Scheduler:
                             if config.swap_blocks else None)
         self.swapped: deque[Request] = deque()
         self.num_swaps = 0  # swap-outs so far
+        # a lower token budget per output (``cap_tokens``), and the requests it waits for
+        self._token_cap: int | None = None
+        self._cap_until: set[str] | None = None
+
+    # -- token cap ---------------------------------------------------------------------------
+    def cap_tokens(self, tokens: int | None, until_scheduled: Collection[str] = ()) -> None:
+        """Give every output at most ``tokens`` tokens (0: schedule nothing; None:
+        ``max_num_batched_tokens`` again). With ``until_scheduled``, the cap ends by itself
+        after the output that schedules the last of those requests (or once none of them is
+        here any more)."""
+        if tokens is not None and tokens < 0:
+            raise ValueError(f"a token cap must be at least 0, got {tokens}")
+        self._token_cap = tokens
+        self._cap_until = set(until_scheduled) if tokens is not None and until_scheduled \
+            else None
+        self._plan.clear()
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens one output may carry now."""
+        limit = self.config.max_num_batched_tokens
+        return limit if self._token_cap is None else min(limit, self._token_cap)
+
+    def _count_cap(self, out: SchedulerOutput | None = None) -> None:
+        """Strike the requests the cap waits for that ``out`` schedules or that are gone;
+        lift it when none is left."""
+        if self._cap_until is None:
+            return
+        self._cap_until &= self.requests.keys()
+        if out is not None:
+            self._cap_until -= {c.request_id for c in out.chunks}
+        if not self._cap_until:
+            self.cap_tokens(None)
 
     # -- queue -------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -172,11 +211,11 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished=self._finished_since_step)
         self._finished_since_step = []
+        self._count_cap()
         piece = self._lookahead()
         allowed = None if piece is None else {w.request_id: w.num_tokens for w in piece}
         seats = self._seats() if allowed is None else self.config.max_num_seqs
-        budget = self._schedule_running(out, self.config.max_num_batched_tokens, seats,
-                                        allowed)
+        budget = self._schedule_running(out, self.token_budget, seats, allowed)
         if budget is not None and not out.preempted:
             budget = self._schedule_swapped(out, budget, seats)
         if budget is not None and not out.preempted and not self.swapped:
@@ -185,6 +224,7 @@ class Scheduler:
                                   for c in out.chunks] != [(w.request_id, w.prefix, w.num_tokens)
                                                            for w in piece]:
             self._plan.clear()  # it did not go out as planned (blocks): plan afresh
+        self._count_cap(out)
         return out
 
     def _seats(self) -> int:
@@ -211,11 +251,10 @@ class Scheduler:
         self._plan.clear()
         if not (self.waiting or any(self._unscheduled(r) > 1 for r in self.running)):
             return None
-        window = self._lookahead_window(config.num_micro_batches
-                                        * config.max_num_batched_tokens)
+        window = self._lookahead_window(config.num_micro_batches * self.token_budget)
         self._plan.extend(lookahead.split(window, config.num_micro_batches, config.cost_model,
                                           config.lookahead_min_tokens))
-        return (lookahead.truncate(self._plan.popleft(), config.max_num_batched_tokens)
+        return (lookahead.truncate(self._plan.popleft(), self.token_budget)
                 if self._plan else [])
 
     def _plan_holds(self, piece: list[lookahead.Work]) -> bool:
@@ -226,7 +265,7 @@ class Scheduler:
             if (request is None or w.num_tokens > self._unscheduled(request)
                     or w.prefix != request.num_tokens - self._unscheduled(request)):
                 return False
-        return lookahead.num_tokens(piece) <= self.config.max_num_batched_tokens
+        return lookahead.num_tokens(piece) <= self.token_budget
 
     def _lookahead_window(self, limit: int) -> list[lookahead.Work]:
         """Up to ``limit`` tokens of work in serving order: running requests' known tokens

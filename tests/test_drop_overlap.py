@@ -2,14 +2,15 @@
 
 Two spawned processes each serve their own requests solo, then drop into one group with the
 epoch's second link (``reconfigure.drop(..., layer_link)``), as a worker does. Rank 1's half
-of the exchange (``KVMove.finish``) is held back until the leader has served a request that
-was queued at the drop, so the test shows, not hopes, that the group serves while the KV
-moves: the queued request gets its first token while the exchange is still under way and
-while the requests whose KV moves produce nothing. Then every request's tokens, across solo,
-group and solo again, must be exactly transformers' greedy tokens; a request aborted while
-held never runs again and no block stays held. A second test kills rank 1 in its exchange:
-the leader falls back to solo and finishes every request, rank 1's included, with no token
-lost or repeated."""
+of the exchange (``KVMove.finish``) is held back until the leader has stepped a few times, so
+the test shows, not hopes, the order the leader serves in: while the KV moves, nothing runs,
+neither the requests whose KV moves nor the one queued at the drop (the moved ones go first,
+and the exchange keeps the cores); once the KV is in place, every moved request has its first
+token before or with the queued one's first. Then every request's tokens, across solo, group
+and solo again, must be exactly transformers' greedy tokens; a request aborted while held
+never runs again and no block stays held. A second test kills rank 1 in its exchange: the
+leader falls back to solo and finishes every request, rank 1's included, with no token lost
+or repeated."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ from tests.conftest import collect_members, hf_greedy, make_prompts
 HOST = "127.0.0.1"
 MAX_TOKENS = 16
 SOLO_STEPS = 4
-HANDSHAKE_S = 0.3  # rank 1 writes its slices this long after the leader served
+HANDSHAKE_S = 0.3  # rank 1 writes its slices this long after the leader stepped
+HELD_STEPS = 5  # the leader's steps while the KV moves
 PHASES = ("solo", "group", "solo again")
 LLAMA = dict(arch="llama", layers=4, hidden_size=64, heads=4, kv_heads=2,
              intermediate_size=128, vocab_size=512, seed=5)
@@ -49,7 +51,7 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
         def held_finish(self):
             if mode == "die":
                 os._exit(1)
-            store.wait(["leader-served"], datetime.timedelta(seconds=60))
+            store.wait(["leader-stepped"], datetime.timedelta(seconds=60))
             time.sleep(HANDSHAKE_S)  # the leader must wait for rank 1's KVInPlace
             return finish(self)
 
@@ -95,25 +97,27 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
         engine.abort_request(cancelled)
         report["cancelled"] = cancelled
         try:
-            served: set[str] = set()
-            while not set(queued) <= served:
-                emitted = take(engine.step(), "group")
-                report.setdefault("emitted_while_held", set()).update(emitted & set(held))
-                served |= emitted
-            report["exchange_done_when_served"] = exchange.done()
-            store.set("leader-served", "1")
+            for _ in range(HELD_STEPS):
+                report.setdefault("emitted_while_held", set()).update(
+                    take(engine.step(), "group"))
+                report.setdefault("stalled", []).append(engine.stalled)
+            report["exchange_done_while_held"] = exchange.done()
+            store.set("leader-stepped", "1")
             start = time.monotonic()
             adopted = reconfigure.complete_drop(engine, membership)
             report["completed_after_s"] = time.monotonic() - start
             report["adopted"] = sorted(adopted)
+            first_token_step: dict[str, int] = {}
+            for index in range(6):
+                for rid in take(engine.step(), "group"):
+                    first_token_step.setdefault(rid, index)
+            report["first_token_step"] = first_token_step
             blocks = engine.block_manager
             report["held_tables_left"] = [k for k in blocks._tables
                                           if k.startswith(reconfigure._HOLD)]
             report["blocks_used"] = blocks.usage().used
             report["tables_used"] = sum(len(blocks.block_table(r))
                                         for r in engine.scheduler.requests)
-            for _ in range(6):
-                take(engine.step(), "group")
             take(engine.drain(), "group")
             begin = reconfigure.plan_restore(engine, membership)
             reconfigure.restore(engine, membership, begin)
@@ -166,13 +170,17 @@ def run_pair(model: str, mode: str):
     return merged, prompt_of, leader
 
 
-def test_the_group_serves_queued_requests_while_the_kv_moves(model):
+def test_the_moved_requests_go_first_and_nothing_runs_while_their_kv_moves(model):
     merged, prompt_of, leader = run_pair(model, "hold")
     assert leader["held"] == ["a0", "a1", "b0", "b1", "b2"]  # every one that had KV
-    assert leader["exchange_done_when_served"] is False  # served during the exchange
-    assert not leader.get("emitted_while_held")  # and the held ones waited for their KV
+    assert leader["exchange_done_while_held"] is False  # the leader stepped during it
+    assert leader["emitted_while_held"] == set()  # not even the queued requests
+    assert leader["stalled"] == [True] * HELD_STEPS
     cancelled = leader["cancelled"]
     assert leader["adopted"] == [r for r in leader["held"] if r != cancelled]
+    first = leader["first_token_step"]  # each request's first token, by step after that
+    assert set(first) == {*leader["adopted"], "q0", "q1"}
+    assert max(first[r] for r in leader["adopted"]) <= min(first["q0"], first["q1"])
     assert leader["completed_after_s"] >= HANDSHAKE_S  # it waited for rank 1's slices
     assert leader["held_tables_left"] == []
     assert leader["blocks_used"] == leader["tables_used"]  # nothing held, nothing leaked

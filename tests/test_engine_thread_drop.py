@@ -4,10 +4,11 @@ server sends it; only the outlet is a recorder (the NATS side is tested by
 ``test_worker_drop.py``).
 
 Rank 1's half of the KV exchange is held back until the test releases it. Meanwhile the
-leader must take and serve a new request, turn an abort of a request whose KV is moving into
-``Aborted`` (and never run it again), and keep its join pending: the command is done, with
-the exchange's phases, only once the KV is in place (``ExchangeDone``). Then every request's
-tokens, across both instances, are transformers' greedy tokens."""
+leader must take a new request but not run it (the requests whose KV moves go first), turn an
+abort of a request whose KV is moving into ``Aborted`` (and never run it again), and keep its
+join pending: the command is done, with the exchange's phases, only once the KV is in place
+(``ExchangeDone``). Then every request's tokens, across both instances, are transformers'
+greedy tokens."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from kunserve.worker.engine import RequestOutput
 from kunserve.worker.engine_thread import (
     AbortCommand,
     Aborted,
+    Accepted,
     AddCommand,
     Adopted,
     EngineThread,
@@ -110,7 +112,7 @@ def links(port: int, prefix: str) -> list[StageLink]:
         return [f.result(timeout=60) for f in made]
 
 
-def test_the_leader_serves_and_aborts_while_the_kv_moves(model, rank1_exchange_held):
+def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_exchange_held):
     prompts = make_prompts(4, vocab=500, seed=11, lengths=[9, 23, 14, 30])
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     outlets = [Recorder(), Recorder()]
@@ -141,9 +143,12 @@ def test_the_leader_serves_and_aborts_while_the_kv_moves(model, rank1_exchange_h
 
         threads[0].add(AddCommand("q0", prompts[3], params, 0))  # arrives during the exchange
         threads[0].add(AbortCommand("a1"))  # its KV is moving
-        wait_for(lambda: outlets[0].tokens("q0"), "the new request's first token")
+        wait_for(lambda: any(isinstance(e, Accepted) and e.request_id == "q0"
+                             for e in outlets[0].events), "the new request taken")
         wait_for(lambda: any(isinstance(e, Aborted) and e.request_id == "a1"
                              for e in outlets[0].events), "the abort of a held request")
+        time.sleep(0.3)  # ample for q0's prefill (a few ms), had it been run
+        assert not outlets[0].tokens("q0")  # the held requests go first: nothing runs
         assert not joins[0].done.done()  # the leader's join waits for the KV
         assert {rid: len(outlets[0].tokens(rid)) for rid in moved} == moved  # held: no tokens
 

@@ -18,6 +18,7 @@ from kunserve.worker.lookahead import (
     equal_cost_cut,
     num_tokens,
     split,
+    tokens_within,
     truncate,
 )
 from kunserve.worker.request import RequestStatus
@@ -212,3 +213,12 @@ def test_decodes_alone_are_served_as_without_lookahead():
     sched.update_from_output(outs[0], {f"r{i}": 7 for i in range(4)})
     # decodes only: even shares of the sequences, as the scheduler does without a model
     assert [len(sched.schedule().chunks) for _ in range(3)] == [2, 2, 0]
+
+
+def test_tokens_within_is_the_longest_fresh_chunk_that_fits_the_time():
+    model = CostModel(0.0, 0.0, 1.0, 5.0)  # 1 s a token, 5 s a micro-batch
+    assert tokens_within(model, 12.0, limit=100) == 7
+    assert tokens_within(model, 12.0, limit=3) == 3
+    assert tokens_within(model, 5.5, limit=100) == 0  # not even one token
+    quadratic = CostModel(0.0, 1.0, 0.0, 0.0)  # n^2
+    assert tokens_within(quadratic, 99.0, limit=1000) == 9

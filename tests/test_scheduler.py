@@ -295,6 +295,55 @@ def test_requests_adopted_first_go_ahead_and_are_preempted_last():
     assert new.status == RequestStatus.WAITING and old.output_token_ids == [11, 12]
 
 
+def test_a_token_cap_of_zero_schedules_nothing_and_lifting_it_serves_again():
+    sched = make_scheduler(budget=64)
+    add_all(sched, make_requests(2, prompt_len=8))
+    sched.cap_tokens(0)
+    out = sched.schedule()
+    assert out.is_empty and sched.num_waiting == 2
+    sched.cap_tokens(None)
+    out, _ = step(sched)
+    assert scheduled_ids(out) == ["r0", "r1"] and sched.token_budget == 64
+    with pytest.raises(ValueError, match="at least 0"):
+        sched.cap_tokens(-1)
+
+
+def test_a_token_cap_ends_after_the_output_that_schedules_the_last_request_it_waits_for():
+    """What a drop's leader does once the moved requests' KV is in: small outputs until each
+    of them has gone out once, so none waits behind a queued prefill; then the full budget."""
+    sched = make_pipelined(2, max_num_batched_tokens=512, num_blocks=128)
+    old = make_requests(4, prompt_len=4, max_tokens=8)
+    add_all(sched, old)
+    first = sched.schedule()  # prefill the 4 'moved' requests
+    second = sched.schedule()
+    sched.update_from_output(first, sample_all(first))
+    sched.update_from_output(second, sample_all(second))
+    add_all(sched, [make_request("queued", prompt_len=300, base=9000)])
+    sched.cap_tokens(10, ["r0", "r1", "r2", "r3"])
+    a = sched.schedule()  # 5 live sequences: 3 seats an output
+    assert scheduled_ids(a) == ["r0", "r1", "r2"] and sched.token_budget == 10
+    b = sched.schedule()  # r3's decode and 9 tokens of the prefill: the cap holds
+    assert scheduled_ids(b) == ["r3", "queued"]
+    assert [c.num_tokens for c in b.chunks] == [1, 9]
+    assert sched.token_budget == 512  # every request it waited for went out
+    sched.update_from_output(a, sample_all(a))
+    c = sched.schedule()
+    assert chunk_of(c, "queued") is None  # in flight: its next chunk waits for it
+    sched.update_from_output(b, sample_all(b))
+    d = sched.schedule()
+    assert chunk_of(d, "queued").num_tokens == 300 - 9  # the rest, uncapped
+
+
+def test_a_token_cap_ends_when_the_requests_it_waits_for_are_gone():
+    sched = make_scheduler(budget=64)
+    add_all(sched, make_requests(2, prompt_len=8))
+    sched.cap_tokens(0, ["r0"])
+    assert sched.schedule().is_empty and sched.token_budget == 0
+    sched.finish_request("r0", RequestStatus.FINISHED_ABORTED)  # an abort
+    out = sched.schedule()
+    assert scheduled_ids(out) == ["r1"] and sched.token_budget == 64
+
+
 def test_preempts_most_recently_admitted_and_recomputes_prompt_plus_output():
     sched = make_scheduler(num_blocks=4, block_size=4)
     a = make_request("a", prompt_len=8, max_tokens=3, base=1000, ignore_eos=True)

@@ -10,11 +10,15 @@ range with the thinner geometry and grows into the freed bytes (``KVCache.reshap
 members exchange the KV slices of the layers they no longer hold (``group_layout.drop_layout``,
 ``kv_transfer``). The leader adopts every request with its new block table and serves the
 group (``LeaderRunner``); the others serve their stage (``StageRunner``), the last one with
-the seeded generators of every request. With the epoch's second link, the exchange overlaps
-serving: every member posts its sends and receives before the group serves, the slices land
-on a helper thread (``KVExchange``) while the group serves the requests that hold no KV yet,
-and the leader holds the others (their blocks under a placeholder) until every member reports
-its slices written (``KVInPlace``, then ``complete_drop``).
+the seeded generators of every request. With the epoch's second link, the exchange runs
+beside the group: every member posts its sends and receives, the slices land on a helper
+thread (``KVExchange``), and the leader holds the requests whose KV moves (their blocks under
+a placeholder) until every member reports its slices written (``KVInPlace``, then
+``complete_drop``). Held requests go first: while their KV moves the leader serves nothing
+else (a queued prefill would take the cores from the exchange and hold their first
+micro-batch back; with none held, the queued requests are served at once), and until each
+has gone out once, its micro-batches are capped at about the cost of one of theirs
+(``_resume_cap``).
 
 ``restore``: first every member pulls the layers it dropped from the peers that hold them
 (``pull_layers``, over the epoch's second link, on a helper thread while the group keeps
@@ -43,7 +47,9 @@ from dataclasses import dataclass, field, replace
 import msgspec
 import torch
 
+from kunserve.worker import lookahead
 from kunserve.worker.checkpoint import TORCH_DTYPES, build_stage, load_stage
+from kunserve.worker.cost_model import CostModel
 from kunserve.worker.engine import LLMEngine
 from kunserve.worker.group_layout import (
     assign_requests,
@@ -247,6 +253,8 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     if link.is_leader:
         engine.install(LeaderRunner(executor, link, depth=size), memory)
         _hold(engine, held)
+        if held:  # they go first: nothing else runs (or takes the cores) while their KV moves
+            engine.scheduler.cap_tokens(0)
         moving = {s.request_id for s in held}
         engine.adopt_requests([s for s in requests if s.request_id not in moving],
                               layout.tables)
@@ -289,6 +297,21 @@ def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
     engine.resume_detokenizers(held)  # an abort or a fallback finds them like the others
 
 
+def _resume_cap(engine: LLMEngine, held: list[RequestState]) -> int:
+    """Leader: the token cap per micro-batch until each of ``held`` (whose KV has just
+    landed) has gone out once: a micro-batch then costs about what one of their decode
+    micro-batches does, so the last of them does not wait behind a queued prefill of up to
+    ``max_num_batched_tokens``. At least ``lookahead_min_tokens``, and room for a share's
+    decodes. By the cost model, or by the model's FLOPs when it has none."""
+    model = engine.cost_model or CostModel.estimate(engine.model_config)
+    share = held[:-(-len(held) // engine.scheduler.config.num_micro_batches)]
+    decodes = lookahead.cost([lookahead.Work(s.request_id, len(s.prompt_token_ids)
+                                             + len(s.output_token_ids), 1) for s in share],
+                             model)
+    fits = lookahead.tokens_within(model, decodes, engine.config.max_num_batched_tokens)
+    return max(fits, len(share), engine.config.lookahead_min_tokens)
+
+
 def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
     """Leader, between two steps, once ``membership.exchange`` is done (it waits otherwise):
     the held requests join the scheduler, ahead of those it took meanwhile. Returns their ids.
@@ -306,6 +329,8 @@ def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
         blocks.free(_HOLD + rid)
     states = exchange.unadopted()
     engine.adopt_requests(states, {s.request_id: s.block_table for s in states}, first=True)
+    engine.scheduler.cap_tokens(_resume_cap(engine, states) if states else None,
+                                [s.request_id for s in states])
     exchange.adopted = True
     if exchange.cancelled:  # the last rank forgets their generators with the next batch
         engine.runner.release(sorted(exchange.cancelled))

@@ -11,8 +11,11 @@ a solo ``LLMEngine`` (default memory budget, ``--threads`` torch threads) servin
 2. solo: the requests prefill, 2 decode steps warm up, ``--steps`` decode steps are timed; each
    member then serves on until every member has finished its window (the commit) and drops
    (``reconfigure.drop``: ``Membership.phases`` handover, free, exchange and the bytes of
-   ``Membership.kv_moved``). The exchange overlaps serving as in a worker (over the second
-   link), but every request here holds KV, so the leader waits for it (``complete_drop``);
+   ``Membership.kv_moved``), with ``--queued-per-instance`` requests queued on each member
+   just before. The exchange runs beside the group as in a worker (over the second link; or
+   before it serves, ``--exchange before``): the leader steps as a worker's engine thread
+   does, which runs nothing while the running requests' KV moves (they go first), then
+   ``complete_drop``;
 3. pipelined: the leader times its first ``step()`` after the drop, runs one more round, then
    ``--steps`` × g timed steps (``--steps`` tokens per request); then it restores the way a
    worker does: every member pulls the layers it dropped over the group's second link on a
@@ -473,16 +476,17 @@ class _Member:
                 time.sleep(0.0005)
 
     def serve_during_exchange(self, engine, membership) -> None:
-        """The leader while the drop's KV moves (overlapped): serve what holds no KV (the
-        queued requests), then run the requests whose KV moved (``complete_drop``)."""
+        """The leader while the drop's KV moves (overlapped), as a worker's engine thread
+        does: step while anything can run (nothing, while requests are held for their KV),
+        then run the requests whose KV moved (``complete_drop``)."""
         from kunserve.worker.pipeline import reconfigure
 
         exchange, steps = membership.exchange, 0
         while exchange is not None and not exchange.done():
             if engine.has_unfinished():
                 self.take("group", engine.step())
-                steps += 1
-            else:
+                steps += not engine.stalled
+            if engine.stalled or not engine.has_unfinished():
                 exchange.wait(0.0005)
         self.report["steps_during_exchange"] = steps
         reconfigure.complete_drop(engine, membership)
