@@ -96,7 +96,7 @@ class Scheduler:
         """Give every output at most ``tokens`` tokens (0: schedule nothing; None:
         ``max_num_batched_tokens`` again). With ``until_scheduled``, the cap ends by itself
         after the output that schedules the last of those requests (or once none of them is
-        here any more)."""
+        here and running any more)."""
         if tokens is not None and tokens < 0:
             raise ValueError(f"a token cap must be at least 0, got {tokens}")
         self._token_cap = tokens
@@ -111,11 +111,13 @@ class Scheduler:
         return limit if self._token_cap is None else min(limit, self._token_cap)
 
     def _count_cap(self, out: SchedulerOutput | None = None) -> None:
-        """Strike the requests the cap waits for that ``out`` schedules or that are gone;
-        lift it when none is left."""
+        """Strike the requests the cap waits for that ``out`` schedules, that are gone or no
+        longer running (preempted: they start over, nothing to wait for); lift it when none
+        is left."""
         if self._cap_until is None:
             return
-        self._cap_until &= self.requests.keys()
+        self._cap_until = {rid for rid in self._cap_until if rid in self.requests
+                           and self.requests[rid].status == RequestStatus.RUNNING}
         if out is not None:
             self._cap_until -= {c.request_id for c in out.chunks}
         if not self._cap_until:

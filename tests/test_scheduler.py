@@ -337,11 +337,16 @@ def test_a_token_cap_ends_after_the_output_that_schedules_the_last_request_it_wa
 def test_a_token_cap_ends_when_the_requests_it_waits_for_are_gone():
     sched = make_scheduler(budget=64)
     add_all(sched, make_requests(2, prompt_len=8))
+    step(sched)  # both running
     sched.cap_tokens(0, ["r0"])
     assert sched.schedule().is_empty and sched.token_budget == 0
     sched.finish_request("r0", RequestStatus.FINISHED_ABORTED)  # an abort
-    out = sched.schedule()
+    out, _ = step(sched)
     assert scheduled_ids(out) == ["r1"] and sched.token_budget == 64
+    sched.cap_tokens(0, ["r1"])
+    sched.running.remove(sched.requests["r1"])
+    sched._preempt(sched.requests["r1"], SchedulerOutput())  # it starts over: no wait
+    assert scheduled_ids(sched.schedule()) == ["r1"] and sched.token_budget == 64
 
 
 def test_preempts_most_recently_admitted_and_recomputes_prompt_plus_output():
