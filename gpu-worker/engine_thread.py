@@ -277,7 +277,7 @@ class EngineThread:
             return
         if isinstance(command, AbortCommand):
             if self._exchange is not None:  # held while its KV moves: never adopted
-                self._exchange.cancel(command.request_id)
+                reconfigure.cancel_held(engine, self._exchange, command.request_id)
             engine.abort_request(command.request_id)
             await self._outlet.emit(Aborted(command.request_id, command.error))
             return

@@ -102,16 +102,20 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
                     take(engine.step(), "group"))
                 report.setdefault("stalled", []).append(engine.stalled)
             report["exchange_done_while_held"] = exchange.done()
+            report["budget_while_held"] = engine.scheduler.token_budget
             store.set("leader-stepped", "1")
             start = time.monotonic()
             adopted = reconfigure.complete_drop(engine, membership)
             report["completed_after_s"] = time.monotonic() - start
             report["adopted"] = sorted(adopted)
+            report["budget_after_adopting"] = engine.scheduler.token_budget
             first_token_step: dict[str, int] = {}
             for index in range(6):
                 for rid in take(engine.step(), "group"):
                     first_token_step.setdefault(rid, index)
             report["first_token_step"] = first_token_step
+            report["budget_after"] = engine.scheduler.token_budget
+            report["max_num_batched_tokens"] = config.max_num_batched_tokens
             blocks = engine.block_manager
             report["held_tables_left"] = [k for k in blocks._tables
                                           if k.startswith(reconfigure._HOLD)]
@@ -178,6 +182,11 @@ def test_the_moved_requests_go_first_and_nothing_runs_while_their_kv_moves(model
     assert leader["stalled"] == [True] * HELD_STEPS
     cancelled = leader["cancelled"]
     assert leader["adopted"] == [r for r in leader["held"] if r != cancelled]
+    # nothing while held; then about one decode micro-batch (at least 32 tokens) until each
+    # moved request has gone out once; then the full budget again
+    full = leader["max_num_batched_tokens"]
+    assert leader["budget_while_held"] == 0
+    assert 32 <= leader["budget_after_adopting"] < full and leader["budget_after"] == full
     first = leader["first_token_step"]  # each request's first token, by step after that
     assert set(first) == {*leader["adopted"], "q0", "q1"}
     assert max(first[r] for r in leader["adopted"]) <= min(first["q0"], first["q1"])

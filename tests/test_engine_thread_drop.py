@@ -12,6 +12,7 @@ greedy tokens."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 import time
@@ -112,16 +113,19 @@ def links(port: int, prefix: str) -> list[StageLink]:
         return [f.result(timeout=60) for f in made]
 
 
-def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_exchange_held):
-    prompts = make_prompts(4, vocab=500, seed=11, lengths=[9, 23, 14, 30])
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+@contextlib.contextmanager
+def joined_pair(model: str, own: dict[int, dict[str, list[int]]], params: SamplingParams,
+                release: threading.Event):
+    """Two engine threads (ranks 0 and 1) serve their ``own`` requests solo for 3 tokens
+    each, then join one group as the worker server commands it; yields once the leader has
+    adopted every request (rank 1's exchange still held back until ``release``): the
+    outlets, the threads and the join commands. Stops both threads on the way out."""
     outlets = [Recorder(), Recorder()]
     threads = [EngineThread(WorkerSettings(model=model, instance_id=name, threads=1), outlet)
                for name, outlet in zip("ab", outlets, strict=True)]
     for thread in threads:
         thread.start().result(timeout=60)
     try:
-        own = {0: {"a0": prompts[0], "a1": prompts[1]}, 1: {"b0": prompts[2]}}
         for rank, requests in own.items():
             for rid, prompt in requests.items():
                 threads[rank].add(AddCommand(rid, prompt, params, 0))
@@ -136,8 +140,21 @@ def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_ex
         for rank in range(2):
             threads[rank].add(joins[rank])
         joins[1].done.result(timeout=60)  # a follower is done once it serves its stage
-        wait_for(lambda: any(isinstance(e, Adopted) and e.request_id == "b0"
-                             for e in outlets[0].events), "the leader adopting b0")
+        wait_for(lambda: all(any(isinstance(e, Adopted) and e.request_id == rid
+                                 for e in outlets[0].events) for rid in own[1]),
+                 "the leader adopting rank 1's requests")
+        yield outlets, threads, joins
+    finally:
+        release.set()
+        for thread in threads:
+            thread.stop(timeout=10)
+
+
+def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_exchange_held):
+    prompts = make_prompts(4, vocab=500, seed=11, lengths=[9, 23, 14, 30])
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    own = {0: {"a0": prompts[0], "a1": prompts[1]}, 1: {"b0": prompts[2]}}
+    with joined_pair(model, own, params, rank1_exchange_held) as (outlets, threads, joins):
         moved = {rid: len(outlets[0].tokens(rid)) for rid in ("a0", "a1")}
         moved["b0"] = 0  # its tokens so far came from rank 1
 
@@ -152,16 +169,19 @@ def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_ex
         assert not joins[0].done.done()  # the leader's join waits for the KV
         assert {rid: len(outlets[0].tokens(rid)) for rid in moved} == moved  # held: no tokens
 
+        released_at = len(outlets[0].outputs())
         rank1_exchange_held.set()
         phases = joins[0].done.result(timeout=60)
         assert phases["exchange"] > 0 and phases["total"] >= phases["exchange"]
         for rid in ("a0", "b0", "q0"):
             wait_for(lambda rid=rid: outlets[0].finished(rid), f"{rid} to finish")
         assert len(outlets[0].tokens("a1")) == moved["a1"]  # never ran again
-    finally:
-        rank1_exchange_held.set()
-        for thread in threads:
-            thread.stop(timeout=10)
+        outputs = outlets[0].outputs()
+        first = {rid: next(i for i, o in enumerate(outputs)
+                           if o.request_id == rid and o.new_token_ids
+                           and (rid == "q0" or i >= released_at))
+                 for rid in ("a0", "b0", "q0")}
+        assert max(first["a0"], first["b0"]) < first["q0"]  # the moved requests went first
     merged = defaultdict(list)
     for outlet in (outlets[1], outlets[0]):  # b0's solo tokens came first, from rank 1
         for rid in ("a0", "a1", "b0", "q0"):
@@ -172,3 +192,22 @@ def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_ex
     for rid in ("a0", "b0", "q0"):
         assert merged[rid] == expected[rid], rid
     assert merged["a1"] == expected["a1"][:moved["a1"]]
+
+
+def test_once_every_held_request_is_aborted_the_queue_runs_during_the_exchange(
+        model, rank1_exchange_held):
+    """Nothing waits for requests that are gone: with every held request aborted, a request
+    queued during the exchange is served before the exchange ends."""
+    prompts = make_prompts(3, vocab=500, seed=12, lengths=[11, 19, 27])
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    own = {0: {"a0": prompts[0]}, 1: {"b0": prompts[1]}}
+    with joined_pair(model, own, params, rank1_exchange_held) as (outlets, threads, joins):
+        threads[0].add(AddCommand("q0", prompts[2], params, 0))
+        for rid in own[0].keys() | own[1].keys():
+            threads[0].add(AbortCommand(rid))
+        wait_for(lambda: outlets[0].finished("q0"), "q0 served while the KV still moves",
+                 timeout=10)  # well inside the links' 30 s: the group must not have broken
+        assert not joins[0].done.done()  # the exchange is still held back
+        rank1_exchange_held.set()
+        joins[0].done.result(timeout=60)
+    assert outlets[0].tokens("q0") == hf_greedy(model, prompts[2], MAX_TOKENS)

@@ -222,3 +222,16 @@ def test_tokens_within_is_the_longest_fresh_chunk_that_fits_the_time():
     assert tokens_within(model, 5.5, limit=100) == 0  # not even one token
     quadratic = CostModel(0.0, 1.0, 0.0, 0.0)  # n^2
     assert tokens_within(quadratic, 99.0, limit=1000) == 9
+
+
+def test_a_token_cap_bounds_every_lookahead_micro_batch_until_it_lifts():
+    sched = lookahead_scheduler(depth=2, budget=256)
+    add_all(sched, make_requests(1, prompt_len=300))
+    sched.cap_tokens(40)
+    capped = [sched.schedule(), sched.schedule()]  # the plan is cut at the cap
+    assert [c.num_tokens for o in capped for c in o.chunks] and all(
+        sum(c.num_tokens for c in o.chunks) <= 40 for o in capped)
+    for out in capped:
+        sched.update_from_output(out, {})
+    sched.cap_tokens(None)
+    assert sum(c.num_tokens for c in sched.schedule().chunks) > 40

@@ -99,7 +99,7 @@ class Membership:
     layer_link: StageLink | None = None
     pulled: LlamaStage | None = None  # the whole model, pulled back for a restore
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
-    exchange: KVExchange | None = None  # a drop's KV exchange overlapped with serving
+    exchange: KVExchange | None = None  # a drop's KV exchange, running beside the group
     moved: MoveStats | None = None  # a drop's KV exchange that ran before serving
 
     @property
@@ -116,8 +116,8 @@ _HOLD = "exchanging/"  # block-table key prefix of a held request's blocks on th
 
 
 class KVExchange:
-    """The second half of a drop's KV exchange (``KVMove.finish``) on a helper thread while
-    the group serves, then the report to the leader: every member sends ``KVInPlace`` on the
+    """The second half of a drop's KV exchange (``KVMove.finish``) on a helper thread beside
+    the group, then the report to the leader: every member sends ``KVInPlace`` on the
     layer link, the leader's thread waits for all of them. ``on_done`` (any thread) is called
     once it is over, either way. On the leader, ``held`` are the requests whose KV is moving:
     ``complete_drop`` adopts them once it is over."""
@@ -199,9 +199,9 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
          overlap: bool = True) -> Membership:
     """Turn this solo engine into member ``link.rank`` of the group (collective).
     ``layer_link``: the same members' second link; with it (and ``overlap``) the KV exchange
-    overlaps with serving (``membership.exchange``; on the leader call ``complete_drop`` once
-    it is done, which ``on_exchanged`` signals from its helper thread), and ``pull_layers``
-    does too. Otherwise the exchange is over when this returns."""
+    ends on a helper thread after this returns (``membership.exchange``; the leader runs
+    nothing until it is done, which ``on_exchanged`` signals, then calls ``complete_drop``),
+    and ``pull_layers`` overlaps serving. Otherwise the exchange is over when this returns."""
     start = time.perf_counter()
     engine_outputs = engine.drain()
     if engine_outputs:  # a solo engine runs one step at a time: nothing is ever left here
@@ -302,14 +302,24 @@ def _resume_cap(engine: LLMEngine, held: list[RequestState]) -> int:
     landed) has gone out once: a micro-batch then costs about what one of their decode
     micro-batches does, so the last of them does not wait behind a queued prefill of up to
     ``max_num_batched_tokens``. At least ``lookahead_min_tokens``, and room for a share's
-    decodes. By the cost model, or by the model's FLOPs when it has none."""
+    decodes (below that the cap would never lift: the first of them come back and take the
+    budget again). By the cost model, or by the model's FLOPs when it has none."""
     model = engine.cost_model or CostModel.estimate(engine.model_config)
     share = held[:-(-len(held) // engine.scheduler.config.num_micro_batches)]
-    decodes = lookahead.cost([lookahead.Work(s.request_id, len(s.prompt_token_ids)
-                                             + len(s.output_token_ids), 1) for s in share],
+    decodes = lookahead.cost([lookahead.Work(s.request_id, len(s.prompt_token_ids)  # prefix
+                                             + len(s.output_token_ids) - 1, 1) for s in share],
                              model)
     fits = lookahead.tokens_within(model, decodes, engine.config.max_num_batched_tokens)
     return max(fits, len(share), engine.config.lookahead_min_tokens)
+
+
+def cancel_held(engine: LLMEngine, exchange: KVExchange, request_id: str) -> bool:
+    """Leader: an abort of a request held for its KV (True if it was held and not adopted
+    yet). Once none is left held, the rest of the group's work no longer waits."""
+    cancelled = exchange.cancel(request_id)
+    if cancelled and not exchange.unadopted():
+        engine.scheduler.cap_tokens(None)
+    return cancelled
 
 
 def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
@@ -328,10 +338,10 @@ def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
     for rid in exchange.held:
         blocks.free(_HOLD + rid)
     states = exchange.unadopted()
+    cap = _resume_cap(engine, states) if states else None
     engine.adopt_requests(states, {s.request_id: s.block_table for s in states}, first=True)
-    engine.scheduler.cap_tokens(_resume_cap(engine, states) if states else None,
-                                [s.request_id for s in states])
     exchange.adopted = True
+    engine.scheduler.cap_tokens(cap, [s.request_id for s in states])
     if exchange.cancelled:  # the last rank forgets their generators with the next batch
         engine.runner.release(sorted(exchange.cancelled))
     return [s.request_id for s in states]

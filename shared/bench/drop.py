@@ -99,8 +99,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per member process")
     p.add_argument("--queued-per-instance", type=int, default=2,
                    help=f"requests each member queues just before the drop (prompt "
-                        f"--prompt-len, {QUEUED_TOKENS} output tokens): what the group serves "
-                        "while the KV moves")
+                        f"--prompt-len, {QUEUED_TOKENS} output tokens): they wait for the "
+                        "requests whose KV moves, which go first")
     p.add_argument("--exchange", choices=["overlapped", "before", "both"], default="both",
                    help="the drop's KV exchange overlaps serving (what a worker does), runs "
                         "before the group serves, or both side by side (default)")
@@ -619,7 +619,7 @@ def _print_table(r: dict) -> None:
         print(f"requests queued at the drop: first token {1e3 * q['first_token_p50_s']:.1f} ms "
               f"(median), {1e3 * q['first_token_max_s']:.1f} ms (last) after the last member "
               f"entered the drop; the leader served {q['steps_during_exchange']} steps while "
-              "the KV moved")
+              "the KV moved (none while running requests wait for theirs)")
     pull = r["pull"]
     print(f"longest inter-token gap across the restore: {1e3 * gap['worst_restore_gap_s']:.1f}"
           f" ms  (the layer pull overlapped {pull['steps']} pipelined steps in "
