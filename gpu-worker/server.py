@@ -486,7 +486,8 @@ class WorkerServer:
                 links.append(await asyncio.to_thread(
                     meet, plan.store_host, plan.store_port, name, plan.epoch, rank,
                     len(plan.members), timeout_s=plan.timeout_s,
-                    bind_host=self.settings.bind_host or None, frame_bytes=self._frame_bytes))
+                    bind_host=self.settings.bind_host or None, frame_bytes=self._frame_bytes,
+                    io_slice_us=self.settings.io_slice_us))
         except Exception as exc:
             for link in links:
                 link.close()

@@ -54,6 +54,9 @@ class WorkerSettings(ServiceSettings):
     # where this worker's pipeline-group sockets listen (peers must reach it); "": the
     # interface the host name resolves to (containers)
     bind_host: str = "127.0.0.1"
+    # the time slice (µs) asked of the kernel for the groups' socket threads, so that a frame
+    # moves as soon as it arrives while the cores compute (Linux 6.12+); 0: the kernel's
+    io_slice_us: int = Field(100, ge=0)
 
     @field_validator("instance_id")
     @classmethod

@@ -200,3 +200,34 @@ def test_a_long_exchange_keeps_a_bounded_number_of_sends_alive():
 
     most = _pair(leader, stage)
     assert max(most) <= MAX_PENDING_SENDS < rounds
+
+
+def test_the_links_socket_threads_get_a_short_time_slice():
+    """Each gloo group's socket thread runs with the slice the link asked for (Linux 6.12+
+    honours it; elsewhere the test skips), and ``io_slice_us=0`` leaves the kernel's."""
+    import pytest
+
+    from kunserve.worker.pipeline.io_threads import io_thread_ids, thread_slice_ns
+
+    default = thread_slice_ns(threading.get_native_id())
+    if default is None:
+        pytest.skip("this kernel does not report a thread's time slice (/proc/.../sched)")
+
+    def slices_of_new_threads(**link_kwargs) -> dict[int, int | None]:
+        before = set(io_thread_ids())
+        found = {}
+
+        def look(link: StageLink) -> None:  # rank 1's group formed before rank 0's could
+            for tid in set(io_thread_ids()) - before:
+                found[tid] = thread_slice_ns(tid)
+
+        _pair(look, lambda link: None, **link_kwargs)
+        return found
+
+    short = slices_of_new_threads(io_slice_us=100)
+    assert len(short) >= 2, short  # one per rank's group
+    if set(short.values()) == {default}:
+        pytest.skip("this kernel keeps its default slice (custom slices need Linux 6.12+)")
+    assert set(short.values()) == {100_000}, short
+    kept = slices_of_new_threads(io_slice_us=0)
+    assert kept and set(kept.values()) == {default}, kept

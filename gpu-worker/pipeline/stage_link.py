@@ -22,8 +22,10 @@ an earlier message. Gloo moves a message only once its receive is posted (the
 receiver tells the sender it is ready; on 2 oversubscribed cores that round trip is ~1 ms of
 process wake-ups), so the serving path posts the receive of its next frame ahead
 (``post_ahead``): a frame of a fixed size can be received before anything about it is known.
-A peer that dies closes its sockets and the waiting side raises ``StageLinkError`` at once; a peer that hangs
-makes it raise after ``timeout_s``. Only waiting for the *next* micro-batch (an idle stage)
+Each gloo group has a socket thread; the link asks the kernel for a short time slice for it
+(``io_threads.py``), so that on busy cores a frame does not wait out a computing thread's
+slice. A peer that dies closes its sockets and the waiting side raises ``StageLinkError`` at
+once; a peer that hangs makes it raise after ``timeout_s``. Only waiting for the *next* micro-batch (an idle stage)
 uses ``idle_timeout_s`` (default: wait as long as the connection lives).
 The link knows nothing about models or scheduling.
 """
@@ -41,6 +43,8 @@ from typing import Any, TypeVar
 import msgspec
 import torch
 import torch.distributed as dist
+
+from kunserve.worker.pipeline.io_threads import IO_SLICE_US, shorten_io_slices
 
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,7 +110,8 @@ class StageLink:
                  timeout_s: float = 60.0, idle_timeout_s: float | None = None,
                  device: torch.device | str = "cpu", bind_host: str | None = None,
                  frame_bytes: int = FRAME_BYTES,
-                 reply_frame_bytes: int = REPLY_FRAME_BYTES) -> None:
+                 reply_frame_bytes: int = REPLY_FRAME_BYTES,
+                 io_slice_us: int = IO_SLICE_US) -> None:
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} is not in a group of {size}")
         self.rank, self.size, self.epoch = rank, size, epoch
@@ -117,6 +122,8 @@ class StageLink:
         self._store = store  # kept alive with the group, which may still use it
         self._group = _make_group(dist.PrefixStore(f"epoch-{epoch}", store), rank, size,
                                   self.device, self.timeout, bind_host)
+        if self.device.type == "cpu":  # the group's new socket thread runs when a frame comes
+            shorten_io_slices(io_slice_us)
         # sends not known complete, oldest first (each keeps its tensor alive): a message's
         # (frames and what follows them), bounded by ``_reap``; bulk tensors', until ``flush``
         self._pending: deque[dist.Work] = deque()

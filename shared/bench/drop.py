@@ -56,6 +56,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kunserve.worker.pipeline.io_threads import IO_SLICE_US, shorten_io_slices
+
 HOST = "127.0.0.1"
 TIMEOUT_S = 120.0
 WARM_STEPS = 2
@@ -78,6 +80,7 @@ class DropBenchSpec:
     threads: int
     queued_per_instance: int = 0  # requests queued on each member at the drop (no KV yet)
     overlap: bool = True  # the KV exchange overlaps serving (else it runs before)
+    io_slice_us: int = IO_SLICE_US  # the links' socket threads' time slice (0: the kernel's)
 
     @property
     def exchange_mode(self) -> str:
@@ -104,6 +107,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--exchange", choices=["overlapped", "before", "both"], default="both",
                    help="the drop's KV exchange overlaps serving (what a worker does), runs "
                         "before the group serves, or both side by side (default)")
+    p.add_argument("--io-slice-us", type=int, default=IO_SLICE_US,
+                   help="time slice asked for the links' socket threads, as a worker's "
+                        "KUNSERVE_IO_SLICE_US (0: the kernel's default; compare the two)")
     p.add_argument("--json", default=None, help="write the figures to this file")
     p.set_defaults(func=run)
 
@@ -130,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
                          f"(got {args.output_len} and {args.steps})")
     if args.queued_per_instance < 0:
         raise ValueError("--queued-per-instance must be >= 0")
+    if args.io_slice_us < 0:
+        raise ValueError("--io-slice-us must be >= 0")
     modes = {"overlapped": [True], "before": [False], "both": [True, False]}[args.exchange]
     results = []
     with tempfile.TemporaryDirectory(prefix="kunserve-bench-drop-") as tmp:
@@ -138,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
             for overlap in modes:
                 spec = DropBenchSpec(model, size, args.requests_per_instance, args.prompt_len,
                                      args.output_len, args.steps, args.threads,
-                                     args.queued_per_instance, overlap)
+                                     args.queued_per_instance, overlap, args.io_slice_us)
                 print(f"  {size} instances -> one group, KV exchange {spec.exchange_mode} ...",
                       flush=True)
                 results.append(measure(spec))
@@ -411,9 +419,11 @@ class _Member:
         frame = frame_bytes_for(engine.model_config.hidden_size,  # as the worker sizes it
                                 TORCH_DTYPES[engine.config.dtype].itemsize)
         link = meet(HOST, self.port, "bench-group", 1, self.rank, spec.size,
-                    timeout_s=TIMEOUT_S, bind_host=HOST, frame_bytes=frame)
+                    timeout_s=TIMEOUT_S, bind_host=HOST, frame_bytes=frame,
+                    io_slice_us=spec.io_slice_us)
         layer_link = meet(HOST, self.port, "bench-group/layers", 1, self.rank, spec.size,
-                          timeout_s=TIMEOUT_S, bind_host=HOST)  # for pulling layers back
+                          timeout_s=TIMEOUT_S, bind_host=HOST,  # for pulling layers back
+                          io_slice_us=spec.io_slice_us)
         report["prepare_at"] = (start, time.time())
         report["solo_memory"] = engine.memory_report()
         report["requests"] = list(prompts)
@@ -550,6 +560,7 @@ class _Member:
         dist.init_process_group("gloo", store=dist.PrefixStore("raw-link", self.store),
                                 rank=rank, world_size=size,
                                 timeout=datetime.timedelta(seconds=TIMEOUT_S))
+        shorten_io_slices(self.spec.io_slice_us)  # as the StageLink's socket threads
         seconds, cpu_seconds = [], []
         try:
             for _ in range(RAW_ROUNDS):
@@ -575,7 +586,9 @@ def _print_table(r: dict) -> None:
           f"{r['exchange_mode']}  ({r['num_layers']} layers; {r['requests_per_instance']} "
           f"streaming greedy requests per instance, prompt {r['prompt_len']}, output "
           f"{r['output_len']}, and {r['queued_per_instance']} queued at the drop, output "
-          f"{QUEUED_TOKENS}; {r['threads']} torch thread(s) per process)")
+          f"{QUEUED_TOKENS}; {r['threads']} torch thread(s) per process; socket threads' "
+          f"slice {r.get('io_slice_us', 0) or 'the kernel default'}"
+          f"{' us' if r.get('io_slice_us') else ''})")
     print(f"note: the {g} member processes share this machine's {r['cpu_count']} CPU cores, so "
           "pipelined decode is slower here than it would be on one GPU per stage")
     print(f"\n{'phase (slowest member)':<32} {'ms':>9}  per member (ms){'':<14} what")
