@@ -13,7 +13,9 @@ Each ``decide`` call is one look at the loads (every ``topology_poll_interval``)
    their deficits (demand beyond capacity) and the greedy (``drop_plan.py``) merges until the
    estimated gain covers it. A plan with no new group (nothing helps) is no decision.
 3. Restore: a pipelined group *this planner formed* (an operator's drop stays until the
-   operator restores it) that has been calm for ``restore_window_s`` (``restore_policy.py``).
+   operator restores it) that has been calm for ``restore_window_s`` (``restore_policy.py``:
+   demand never at ``overload_usage`` of the solo capacity, below ``restore_usage`` of it on
+   average).
 
 Back-off: the members of a drop that failed or was refused are left out of plans for
 ``retry_backoff_s``, doubling with every further failure up to ``max_backoff_s``; a drop that
@@ -82,7 +84,8 @@ class AutoPolicy:
     def __post_init__(self) -> None:
         s = self.settings
         self.overload = OverloadDetector(s.overload_window_s, s.overload_usage)
-        self.calm = RestorePolicy(s.restore_window_s, s.restore_usage)
+        # calm: never at the drop's usage of the solo capacity, half of it on average
+        self.calm = RestorePolicy(s.restore_window_s, s.restore_usage, s.overload_usage)
 
     def decide(self, now: float, topology: Topology, loads: Mapping[str, InstanceLoad],
                reserved: Mapping[str, Reserved] | None = None,
@@ -157,6 +160,7 @@ class AutoPolicy:
             "demand_tokens": sum(d.demand_tokens for d in ready),
             "solo_tokens": sum(solo[m] for d in ready for m in d.members),
             "usage_fraction": self.settings.restore_usage,
+            "peak_fraction": self.calm.peak_fraction,
         }
         return RestoreDecision(tuple(ready), trigger)
 

@@ -1,72 +1,77 @@
-"""When a pipelined group is restored: calm for a window, with hysteresis. Pure and stateful.
+"""When a pipelined group is restored: calm for a whole window. Pure and stateful.
 
-A group is calm when its queue is empty (no waiting request, nothing reserved on it) and its
-KV demand is below ``usage_fraction`` (default 0.5) of the capacity its members hold solo (the
-paper's rule: below half of the no-drop capacity). The window starts at the first calm
-observation and restarts whenever the group stops being calm or its demand rises by more than
-``rise_tolerance`` (default 0.5) of that threshold above what it was when the window started (a
-load climbing towards the next burst). Smaller rises do not restart it: after a burst, requests
-keep arriving and finishing, and a window that restarted on every new request was restored
-40–90 s after the burst had passed (burst benchmark), serving that long at the pipeline's
-per-token cost. A group calm for at least ``window_s`` is ready.
+A group's KV demand is the blocks its running requests hold plus those its queued and reserved
+requests need (``demand.py``). It is calm while its demand stays below ``peak_fraction`` of the
+capacity its members hold solo (default 0.8, the usage at which a queue counts as an overload:
+what the solo instances would hold without one). It is ready once it has been calm for
+``window_s`` and its mean demand over that window is below ``usage_fraction`` of the solo
+capacity (default 0.5: the paper's rule, below half of the no-drop capacity). One observation
+at or above the peak starts the window again.
+
+Three stricter rules came before this one, and each kept groups pipelined long after the burst,
+serving at the pipeline's per-token cost: a calm that needed an empty queue, a window that
+restarted when demand rose by half the threshold, and one that restarted whenever demand
+touched half the solo capacity. After a burst requests keep arriving, a few a second: one is
+nearly always waiting for its first step, a few arriving together lift a demand near zero by
+half the threshold, and one long prompt of the burst benchmark is half of a solo instance by
+itself. There each rule held the group until the arrivals stopped, 15-20 s after demand had
+fallen for good.
 
 Why this does not flap: a drop needs queued demand that does not fit and usage at the drop
-threshold; a restore needs no queue and demand below half of what the members hold solo, so
-after a restore each member starts at most half full, well short of another drop.
+threshold; a restore needs demand below that threshold's share of the solo capacity at every
+observation of the window and below half of it on average, so the solo instances start with
+room to spare.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kunserve.planner.demand import GroupDemand
 
 
 @dataclass
-class _Window:
-    since: float
-    demand_tokens: int  # at the start: more than this is rising
+class _Calm:
+    since: float  # the first observation of this calm stretch
+    recent: deque[tuple[float, int]] = field(default_factory=deque)  # (when, demand tokens)
 
 
 class RestorePolicy:
     def __init__(self, window_s: float, usage_fraction: float,
-                 rise_tolerance: float = 0.5) -> None:
+                 peak_fraction: float = 0.8) -> None:
         self.window_s = window_s
-        self.usage_fraction = usage_fraction
-        self.rise_tolerance = rise_tolerance
-        self._windows: dict[str, _Window] = {}
+        self.usage_fraction = usage_fraction  # of the solo capacity: the window's mean
+        self.peak_fraction = max(peak_fraction, usage_fraction)  # every observation's
+        self._calm: dict[str, _Calm] = {}
 
     def observe(self, now: float, demands: Sequence[GroupDemand],
                 solo_tokens: Mapping[str, int]) -> list[GroupDemand]:
         """The groups among ``demands`` (pipelined ones) calm for the window as of ``now``.
         ``solo_tokens``: each instance's KV capacity when solo; a group with a member
         missing there is never ready."""
-        windows, ready = {}, []
+        calm, ready = {}, []
         for demand in demands:
-            threshold = self._threshold(demand, solo_tokens)
-            if threshold is None or not self._calm(demand, threshold):
-                continue
-            window = self._windows.get(demand.group_id)
-            rise = self.rise_tolerance * threshold
-            if window is None or demand.demand_tokens > window.demand_tokens + rise:
-                window = _Window(now, demand.demand_tokens)
-            windows[demand.group_id] = window
-            if now - window.since >= self.window_s:
+            solo = self._solo_capacity(demand, solo_tokens)
+            if solo is None or demand.demand_tokens >= self.peak_fraction * solo:
+                continue  # not calm: its window (if any) ends
+            stretch = calm[demand.group_id] = self._calm.get(demand.group_id, _Calm(now))
+            stretch.recent.append((now, demand.demand_tokens))
+            while stretch.recent[0][0] < now - self.window_s:
+                stretch.recent.popleft()  # the mean is over the last window only
+            mean = sum(tokens for _, tokens in stretch.recent) / len(stretch.recent)
+            if now - stretch.since >= self.window_s and mean < self.usage_fraction * solo:
                 ready.append(demand)
-        self._windows = windows
+        self._calm = calm
         return ready
 
     def reset(self) -> None:
-        self._windows.clear()
-
-    def _threshold(self, demand: GroupDemand, solo_tokens: Mapping[str, int]) -> float | None:
-        """Calm demand stays below this many tokens (None: a member's solo size unknown)."""
-        if any(m not in solo_tokens for m in demand.members):
-            return None
-        return self.usage_fraction * sum(solo_tokens[m] for m in demand.members)
+        self._calm.clear()
 
     @staticmethod
-    def _calm(demand: GroupDemand, threshold: float) -> bool:
-        return (demand.waiting == 0 and demand.queued_blocks == 0
-                and demand.demand_tokens < threshold)
+    def _solo_capacity(demand: GroupDemand, solo_tokens: Mapping[str, int]) -> int | None:
+        """What the members hold solo, in tokens (None: a member's solo size unknown)."""
+        if any(m not in solo_tokens for m in demand.members):
+            return None
+        return sum(solo_tokens[m] for m in demand.members)

@@ -26,7 +26,9 @@ class PlannerSettings(ServiceSettings):
     overload_window: float = Field(0.1, ge=0)  # seconds a group stays overloaded before a drop
     overload_usage: float = Field(0.8, ge=0, le=1)  # KV usage that makes a queue an overload
     restore_window: float = Field(5.0, ge=0)  # seconds a group stays calm before its restore
-    restore_usage: float = Field(0.5, gt=0, le=1)  # calm: demand below this x solo capacity
+    # calm: demand below overload_usage x the solo capacity throughout the window and below
+    # this x it on average
+    restore_usage: float = Field(0.5, gt=0, le=1)
     drop_retry_backoff: float = Field(5.0, gt=0)  # after a failed drop; doubles per failure
     drop_retry_backoff_max: float = Field(120.0, gt=0)
 

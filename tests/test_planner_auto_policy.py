@@ -92,26 +92,26 @@ def test_the_overload_window_must_hold_without_a_break():
     assert detector.observe(1.0, [hot]) == [hot]
 
 
-def test_the_restore_window_restarts_when_demand_rises_or_the_queue_fills():
-    # calm: below 12 of the 24 solo blocks; rising: more than 6 blocks (half of 12) above
-    # the window's start
-    policy = RestorePolicy(window_s=1.0, usage_fraction=0.5, rise_tolerance=0.5)
+def test_the_restore_window_caps_every_observation_and_the_mean():
+    # solo capacity 24 blocks: calm below 19.2 blocks (0.8), ready once calm for the window
+    # with a mean below 12 (0.5) over its last second; queued blocks count
+    policy = RestorePolicy(window_s=1.0, usage_fraction=0.5, peak_fraction=0.8)
     solo = {"a": 24 * 16}
-    low, lower, trickle = (demand(used=2, queued=0), demand(used=1, queued=0),
-                           demand(used=8, queued=0))
+    low, spike = demand(used=2, queued=0), demand(used=10, queued=6, waiting=1)  # 16 blocks
     assert policy.observe(0.0, [low], solo) == []
-    assert policy.observe(0.5, [lower], solo) == []  # falling: the window goes on
-    assert policy.observe(0.625, [trickle], solo) == []  # up 6 blocks: not rising
-    assert policy.observe(0.75, [low], solo) == []
-    assert policy.observe(1.0, [low], solo) == [low]
-    rising = demand(used=9, queued=0)  # 7 blocks above the start
-    assert policy.observe(1.25, [rising], solo) == []  # restarted at 1.25
-    assert policy.observe(2.0, [rising], solo) == []
-    assert policy.observe(2.25, [rising], solo) == [rising]
-    queued = demand(used=2, queued=1, waiting=1)
-    assert policy.observe(2.5, [queued], solo) == []
-    assert policy.observe(5.0, [demand(used=12, queued=0)], solo) == []  # not below half
-    assert policy.observe(5.0, [low], {}) == []  # solo capacity unknown: never
+    assert policy.observe(0.5, [spike], solo) == []  # a request waiting, 16 blocks: calm
+    assert policy.observe(1.0, [low], solo) == [low]  # calm since 0.0, mean 6.7 blocks
+    over = demand(used=12, queued=8, waiting=2)  # 20 blocks: at the peak, not calm
+    assert policy.observe(1.25, [over], solo) == []
+    assert policy.observe(1.5, [low], solo) == []  # a new window from 1.5
+    assert policy.observe(2.5, [low], solo) == [low]
+    policy.reset()  # as the planner does once it decided
+    high = demand(used=14, queued=0)  # calm (below 19.2) but above half on average
+    for now in (3.0, 3.5, 4.0, 4.5):
+        assert policy.observe(now, [high], solo) == []
+    # the mean is over the window's last second (4.0, 4.5, 5.0): (14 + 14 + 2) / 3 = 10
+    assert policy.observe(5.0, [low], solo) == [low]
+    assert policy.observe(5.5, [low], {}) == []  # solo capacity unknown: never
 
 
 # -- the recorded series ---------------------------------------------------------------------
@@ -119,8 +119,8 @@ def test_the_restore_window_restarts_when_demand_rises_or_the_queue_fills():
 
 def series() -> list[int]:
     """The cluster's KV demand in blocks, one value per tick (1/8 s): idle, a first burst
-    with a one-tick break in its overload, a tail that dips below the restore threshold and
-    comes back above it, a calm with a small rise, idle, a second burst, idle."""
+    with a one-tick break in its overload, a tail that falls in steps, idle, a second burst,
+    idle."""
     return ([4] * 10 + [60] * 3 + [40] + [80] * 27 + [20] * 10 + [30] * 2 + [10] * 8
             + [12] * 39 + [90] * 31 + [0] * 40)
 
@@ -167,10 +167,10 @@ def test_two_bursts_give_exactly_drop_restore_drop_restore():
                             restore_usage=0.5)
     decisions = replay(AutoPolicy(settings, L), series())
     # burst 1 overloaded from tick 10, broken at 13, again from 14: 0.5 s later, tick 18;
-    # calm from 41, broken by 30 blocks at 51-52, calm from 53 (the rise from 10 to 12
-    # blocks at 61 is within the tolerance): tick 53+16; burst 2 from tick 100: tick 104;
-    # calm from 131: tick 147
-    assert decisions == [(18, "drop", ("w0", "w1")), (69, "restore", "g2"),
+    # calm (below 0.8 x 48 blocks) from 41 and, 2 s (16 ticks) later, a mean of 18 blocks
+    # over them, below 24 (half): tick 57; burst 2 from tick 100: tick 104; calm from 131:
+    # tick 147
+    assert decisions == [(18, "drop", ("w0", "w1")), (57, "restore", "g2"),
                          (104, "drop", ("w0", "w1")), (147, "restore", "g5")]
 
 
