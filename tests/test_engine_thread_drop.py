@@ -39,7 +39,7 @@ from kunserve.worker.settings import WorkerSettings
 from tests.conftest import hf_greedy, make_prompts
 
 HOST = "127.0.0.1"
-MAX_TOKENS = 24
+MAX_TOKENS = 48  # a request must still run when the group forms
 LLAMA = dict(arch="llama", layers=4, hidden_size=64, heads=4, kv_heads=2,
              intermediate_size=128, vocab_size=512, seed=9)
 
@@ -126,23 +126,28 @@ def joined_pair(model: str, own: dict[int, dict[str, list[int]]], params: Sampli
     for thread in threads:
         thread.start().result(timeout=60)
     try:
+        # the links first: forming them takes long enough on a loaded machine for a request
+        # to finish solo, and then nothing of it would move
+        store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
+                              timeout=datetime.timedelta(seconds=60))
+        serving, layers = links(store.port, "g"), links(store.port, "g/layers")
+        joins = [GroupCommand("join", Future(), link=serving[r], group_id="g",
+                              layer_link=layers[r]) for r in range(2)]
         for rank, requests in own.items():
             for rid, prompt in requests.items():
                 threads[rank].add(AddCommand(rid, prompt, params, 0))
         wait_for(lambda: all(len(outlets[r].tokens(rid)) >= 3
                              for r, requests in own.items() for rid in requests),
                  "three tokens of every request, solo")
-        store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
-                              timeout=datetime.timedelta(seconds=60))
-        serving, layers = links(store.port, "g"), links(store.port, "g/layers")
-        joins = [GroupCommand("join", Future(), link=serving[r], group_id="g",
-                              layer_link=layers[r]) for r in range(2)]
         for rank in range(2):
             threads[rank].add(joins[rank])
         joins[1].done.result(timeout=60)  # a follower is done once it serves its stage
         wait_for(lambda: all(any(isinstance(e, Adopted) and e.request_id == rid
                                  for e in outlets[0].events) for rid in own[1]),
                  "the leader adopting rank 1's requests")
+        done_solo = [rid for r, requests in own.items() for rid in requests
+                       if outlets[r].finished(rid)]
+        assert not done_solo, f"finished solo before the drop: {done_solo}"
         yield outlets, threads, joins
     finally:
         release.set()
