@@ -36,9 +36,12 @@ def test_each_policy_behaves_as_named_in_one_compare(model, tmp_path):
     memory = LLMEngine(EngineConfig(model=model)).memory
     budget = memory.parameter_bytes + memory.reserve_bytes + 12 * memory.block_bytes
     trace, out = tmp_path / "trace.csv", tmp_path / "out"
-    # 16 requests of ~90-120 tokens within 16 ms; one instance holds 192 tokens of KV
+    # 16 requests of ~140-170 tokens within 16 ms; one instance holds 192 tokens of KV. The
+    # outputs are long enough for the queue to outlast the planner's overload window (0.1 s)
+    # and a drop (~0.1 s) on a loaded machine: with 48 output tokens a replay took ~0.4 s and
+    # a CI run once served the whole burst before kunserve dropped
     trace.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
-        f"2023-11-16 18:17:00.{k:03d}0000,{40 + 2 * k},{48 + k % 3}\n"
+        f"2023-11-16 18:17:00.{k:03d}0000,{40 + 2 * k},{96 + k % 3}\n"
         for k in range(SENT)))
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
