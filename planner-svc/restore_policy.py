@@ -8,14 +8,15 @@ what the solo instances would hold without one). It is ready once it has been ca
 capacity (default 0.5: the paper's rule, below half of the no-drop capacity). One observation
 at or above the peak starts the window again.
 
-Three stricter rules came before this one, and each kept groups pipelined long after the burst,
-serving at the pipeline's per-token cost: a calm that needed an empty queue, a window that
-restarted when demand rose by half the threshold, and one that restarted whenever demand
-touched half the solo capacity. After a burst requests keep arriving, a few a second: one is
-nearly always waiting for its first step, a few arriving together lift a demand near zero by
-half the threshold, and one long prompt of the burst benchmark is half of a solo instance by
-itself. There each rule held the group until the arrivals stopped, 15-20 s after demand had
-fallen for good.
+Stricter rules kept groups pipelined long after the burst, serving at the pipeline's
+per-token cost: the rule before this one wanted an empty queue and restarted the window when
+demand rose by half the threshold, and a calm that only needed demand below half the solo
+capacity at every observation (tried) did no better. After a burst requests keep arriving, a
+few a second: one is nearly always waiting for its first step, a few arriving together lift a
+demand near zero by half the threshold, and one long prompt of the burst benchmark is half of
+a solo instance by itself. In that benchmark each of them held the group until the arrivals
+stopped (restores 49-52 s into the replay, against 36.5 s with this rule, 5 s after demand
+fell).
 
 Why this does not flap: a drop needs queued demand that does not fit and usage at the drop
 threshold; a restore needs demand below that threshold's share of the solo capacity at every
