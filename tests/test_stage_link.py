@@ -7,9 +7,11 @@ from __future__ import annotations
 import threading
 
 import msgspec
+import pytest
 import torch
 
 from kunserve.servers import free_port
+from kunserve.worker.pipeline.io_threads import io_thread_ids, thread_slice_ns
 from kunserve.worker.pipeline.stage_link import (
     MAX_PENDING_SENDS,
     StageLink,
@@ -205,10 +207,6 @@ def test_a_long_exchange_keeps_a_bounded_number_of_sends_alive():
 def test_the_links_socket_threads_get_a_short_time_slice():
     """Each gloo group's socket thread runs with the slice the link asked for (Linux 6.12+
     honours it; elsewhere the test skips), and ``io_slice_us=0`` leaves the kernel's."""
-    import pytest
-
-    from kunserve.worker.pipeline.io_threads import io_thread_ids, thread_slice_ns
-
     default = thread_slice_ns(threading.get_native_id())
     if default is None:
         pytest.skip("this kernel does not report a thread's time slice (/proc/.../sched)")

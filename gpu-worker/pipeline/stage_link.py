@@ -25,8 +25,9 @@ process wake-ups), so the serving path posts the receive of its next frame ahead
 Each gloo group has a socket thread; the link asks the kernel for a short time slice for it
 (``io_threads.py``), so that on busy cores a frame does not wait out a computing thread's
 slice. A peer that dies closes its sockets and the waiting side raises ``StageLinkError`` at
-once; a peer that hangs makes it raise after ``timeout_s``. Only waiting for the *next* micro-batch (an idle stage)
-uses ``idle_timeout_s`` (default: wait as long as the connection lives).
+once; a peer that hangs makes it raise after ``timeout_s``. Only waiting for the *next*
+micro-batch (an idle stage) uses ``idle_timeout_s`` (default: wait as long as the connection
+lives).
 The link knows nothing about models or scheduling.
 """
 

@@ -582,13 +582,13 @@ class _Member:
 # -- the table ---------------------------------------------------------------------------------
 def _print_table(r: dict) -> None:
     g = r["size"]
+    io_slice = f"{r['io_slice_us']} us" if r.get("io_slice_us") else "the kernel's default"
     print(f"\ndrop bench: {g} solo instances -> one {g}-stage group -> restore, KV exchange "
           f"{r['exchange_mode']}  ({r['num_layers']} layers; {r['requests_per_instance']} "
           f"streaming greedy requests per instance, prompt {r['prompt_len']}, output "
           f"{r['output_len']}, and {r['queued_per_instance']} queued at the drop, output "
           f"{QUEUED_TOKENS}; {r['threads']} torch thread(s) per process; socket threads' "
-          f"slice {r.get('io_slice_us', 0) or 'the kernel default'}"
-          f"{' us' if r.get('io_slice_us') else ''})")
+          f"slice {io_slice})")
     print(f"note: the {g} member processes share this machine's {r['cpu_count']} CPU cores, so "
           "pipelined decode is slower here than it would be on one GPU per stage")
     print(f"\n{'phase (slowest member)':<32} {'ms':>9}  per member (ms){'':<14} what")
