@@ -2,8 +2,8 @@
 
 A group's KV demand is the blocks its running requests hold plus those its queued and reserved
 requests need (``demand.py``). It is calm while its demand stays below ``peak_fraction`` of the
-capacity its members hold solo (default 0.8, the usage at which a queue counts as an overload:
-what the solo instances would hold without one). It is ready once it has been calm for
+capacity its members hold solo (the planner passes ``overload_usage``, 0.8 by default: the
+usage at which a queue counts as an overload, what the solo instances hold without one). It is ready once it has been calm for
 ``window_s`` and its mean demand over that window is below ``usage_fraction`` of the solo
 capacity (default 0.5: the paper's rule, below half of the no-drop capacity). One observation
 at or above the peak starts the window again.
@@ -40,8 +40,7 @@ class _Calm:
 
 
 class RestorePolicy:
-    def __init__(self, window_s: float, usage_fraction: float,
-                 peak_fraction: float = 0.8) -> None:
+    def __init__(self, window_s: float, usage_fraction: float, peak_fraction: float) -> None:
         self.window_s = window_s
         self.usage_fraction = usage_fraction  # of the solo capacity: the window's mean
         self.peak_fraction = max(peak_fraction, usage_fraction)  # every observation's

@@ -6,16 +6,17 @@ can go. On a host whose cores are all busy computing (a pipeline group's stages)
 EEVDF scheduler lets a woken thread wait until the running one has used its slice (1.4 ms
 by default here), and that wait lands on every hop of a micro-batch. Linux 6.12 and later let
 a thread ask for a shorter slice (``sched_setattr`` with ``sched_runtime``, no privilege
-needed); a thread with a shorter slice gets an earlier deadline and runs as soon as it wakes.
-Measured on a 2-stage group of the tiny model on 2 cores: ``kunserve bench drop`` (README).
-
-Elsewhere (older kernels, other systems) this does nothing: the slice request is ignored or
-refused, and nothing depends on it.
+needed); a thread with a shorter slice gets an earlier deadline, so it runs sooner when it
+wakes. Measured on a 2-stage group of the tiny model on 2 cores: ``kunserve bench drop``
+(README). Off Linux, or on an architecture without a known syscall number, this does nothing;
+a kernel that refuses the request (or, before 6.12, ignores it: not tried here) leaves the
+threads as they were, and nothing depends on it.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -34,17 +35,12 @@ class _SchedAttr(ctypes.Structure):  # linux/sched/types.h
                 ("sched_util_min", ctypes.c_uint32), ("sched_util_max", ctypes.c_uint32)]
 
 
-def shorten_io_slices(slice_us: int = IO_SLICE_US) -> int:
+def shorten_io_slices(slice_us: int = IO_SLICE_US) -> None:
     """Ask for a ``slice_us`` slice for every gloo I/O thread of this process (asking again
-    for one that has it changes nothing). Returns for how many threads the kernel accepted
-    it (a kernel before 6.12 accepts it and keeps its default slice)."""
-    if slice_us <= 0 or not sys.platform.startswith("linux") or _SYS_SCHED_SETATTR is None:
-        return 0
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        return 0
-    done = 0
+    for one that has it changes nothing)."""
+    libc = _libc()
+    if slice_us <= 0 or libc is None:
+        return
     for tid in io_thread_ids():
         try:
             nice = os.getpriority(os.PRIO_PROCESS, tid)  # a thread's own nice value
@@ -53,9 +49,18 @@ def shorten_io_slices(slice_us: int = IO_SLICE_US) -> int:
         # SCHED_OTHER as it was; for it, sched_runtime is the slice in nanoseconds
         attr = _SchedAttr(size=ctypes.sizeof(_SchedAttr), sched_policy=0, sched_nice=nice,
                           sched_runtime=slice_us * 1000)
-        if libc.syscall(_SYS_SCHED_SETATTR, tid, ctypes.byref(attr), 0) == 0:
-            done += 1
-    return done
+        libc.syscall(_SYS_SCHED_SETATTR, tid, ctypes.byref(attr), 0)  # refused: left as is
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, where ``sched_setattr`` can be called (None elsewhere)."""
+    if not sys.platform.startswith("linux") or _SYS_SCHED_SETATTR is None:
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def io_thread_ids() -> list[int]:
@@ -74,15 +79,3 @@ def io_thread_ids() -> list[int]:
             continue
     return found
 
-
-def thread_slice_ns(tid: int) -> int | None:
-    """The slice a thread of this process runs with (``/proc``'s ``se.slice``), or None
-    where the kernel does not report it."""
-    try:
-        with open(f"/proc/self/task/{tid}/sched") as sched:
-            for line in sched:
-                if line.startswith("se.slice"):
-                    return int(line.split(":")[1])
-    except (OSError, ValueError):
-        return None
-    return None
