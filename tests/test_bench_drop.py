@@ -156,3 +156,44 @@ def test_too_short_an_output_is_refused_before_spawning(capsys):
     assert main(["bench", "drop", "--model", "unused", "--output-len", "10",
                  "--steps", "4"]) == 2
     assert "--output-len must be at least" in capsys.readouterr().err
+
+
+def test_repeated_runs_are_summed_up_by_median_and_range(tmp_path):
+    """``--repeat 2``: two runs with fresh processes, both in the JSON; the summary's median,
+    min and max are those of the runs' own figures."""
+    import contextlib
+    import io
+    import statistics
+
+    from kunserve.bench.drop import repeat_summary
+    from kunserve.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "llama4", arch="llama", layers=4, hidden_size=64,
+                            heads=4, kv_heads=2, intermediate_size=128, vocab_size=512, seed=3)
+    out, text = tmp_path / "drop.json", io.StringIO()
+    with contextlib.redirect_stdout(text):
+        code = main(["bench", "drop", "--model", str(model), "--instances", "2",
+                     "--requests-per-instance", "2", "--prompt-len", "12", "--output-len", "32",
+                     "--steps", "3", "--queued-per-instance", "0", "--exchange", "before",
+                     "--repeat", "2", "--json", str(out)])
+    printed = text.getvalue()
+    assert code == 0, printed
+    runs = json.loads(out.read_text())
+    assert len(runs) == 2 and all(r["every_request_complete"] for r in runs)
+    assert "run 2 of 2" in printed
+    assert "2 instances, KV exchange before serving: 2 runs" in printed
+    assert printed.count("\ndrop bench: ") == 1  # the full tables: the last run's
+    rows = {label: (values, median, low, high)
+            for label, values, median, low, high in repeat_summary(runs)}
+    ratios = [100 * r["exchange_vs_raw"] for r in runs]
+    assert rows["exchange vs raw (%)"] == (ratios, statistics.median(ratios), min(ratios),
+                                           max(ratios))
+    gaps = [1e3 * r["gap"]["worst"]["gap_s"] for r in runs]
+    assert rows["longest gap across the drop (ms)"][0] == gaps
+    for label in rows:
+        assert f"\n{label} " in printed, label
+
+
+def test_repeat_below_one_is_refused(capsys):
+    assert main(["bench", "drop", "--model", "unused", "--repeat", "0"]) == 2
+    assert "--repeat must be >= 1" in capsys.readouterr().err

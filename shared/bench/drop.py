@@ -110,7 +110,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--io-slice-us", type=int, default=IO_SLICE_US,
                    help="time slice asked for the links' socket threads, as a worker's "
                         "KUNSERVE_IO_SLICE_US (0: the kernel's default; compare the two)")
-    p.add_argument("--json", default=None, help="write the figures to this file")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each configuration, fresh processes each; with more than one "
+                        "a table gives each figure's median and range (this machine's runs "
+                        "vary: compare medians, not single runs)")
+    p.add_argument("--json", default=None, help="write the figures to this file (every run)")
     p.set_defaults(func=run)
 
 
@@ -138,6 +142,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--queued-per-instance must be >= 0")
     if args.io_slice_us < 0:
         raise ValueError("--io-slice-us must be >= 0")
+    if args.repeat < 1:
+        raise ValueError("--repeat must be >= 1")
     modes = {"overlapped": [True], "before": [False], "both": [True, False]}[args.exchange]
     results = []
     with tempfile.TemporaryDirectory(prefix="kunserve-bench-drop-") as tmp:
@@ -147,13 +153,18 @@ def run(args: argparse.Namespace) -> int:
                 spec = DropBenchSpec(model, size, args.requests_per_instance, args.prompt_len,
                                      args.output_len, args.steps, args.threads,
                                      args.queued_per_instance, overlap, args.io_slice_us)
-                print(f"  {size} instances -> one group, KV exchange {spec.exchange_mode} ...",
-                      flush=True)
-                results.append(measure(spec))
-    for result in results:
+                for i in range(args.repeat):
+                    run_of = f", run {i + 1} of {args.repeat}" if args.repeat > 1 else ""
+                    print(f"  {size} instances -> one group, KV exchange {spec.exchange_mode}"
+                          f"{run_of} ...", flush=True)
+                    results.append(measure(spec))
+    last = results[args.repeat - 1::args.repeat]  # each configuration's last run
+    for result in last:
         _print_table(result)
     if len(modes) > 1:
-        _print_modes(results)
+        _print_modes(last)
+    if args.repeat > 1:
+        _print_repeats(results, args.repeat)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
@@ -652,6 +663,46 @@ def _print_table(r: dict) -> None:
     print(f"KV capacity: {kv['solo_per_instance']} tokens per solo instance ({g} x = "
           f"{g * kv['solo_per_instance']}), {kv['group']} tokens in the group; every request "
           f"got all {r['output_len']} tokens: {'yes' if r['every_request_complete'] else 'NO'}")
+
+
+# (label, figure of one run's result, format): what ``--repeat`` sums up
+_REPEATED = [
+    ("KV exchange, all members (ms)", lambda r: 1e3 * r["all_in_s"], "{:.1f}"),
+    ("raw link, best round (ms)", lambda r: 1e3 * min(r["raw_rounds_s"]), "{:.1f}"),
+    ("exchange vs raw (%)", lambda r: 100 * r["exchange_vs_raw"], "{:.0f}"),
+    ("drop total (ms)", lambda r: 1e3 * max(r["phases_s"]["drop total"]), "{:.1f}"),
+    ("longest gap across the drop (ms)", lambda r: 1e3 * r["gap"]["worst"]["gap_s"], "{:.1f}"),
+    ("its bound (ms)", lambda r: 1e3 * r["gap"]["worst"]["bound_s"], "{:.1f}"),
+    ("requests within their bound (%)",
+     lambda r: 100 * r["gap"]["within_bound"] / r["gap"]["requests"], "{:.0f}"),
+    ("pipelined / solo TPOT", lambda r: r["decode"]["tpot_ratio"], "{:.2f}"),
+    ("restore total (ms)", lambda r: 1e3 * max(r["phases_s"]["restore total"]), "{:.1f}"),
+]
+
+
+def repeat_summary(runs: list[dict]) -> list[tuple[str, list[float], float, float, float]]:
+    """Per figure of ``_REPEATED``: (label, each run's value, median, min, max)."""
+    rows = []
+    for label, figure, _ in _REPEATED:
+        values = [figure(r) for r in runs]
+        rows.append((label, values, statistics.median(values), min(values), max(values)))
+    return rows
+
+
+def _print_repeats(results: list[dict], repeat: int) -> None:
+    """One table per configuration: each figure's median and range over its runs."""
+    for start in range(0, len(results), repeat):
+        runs = results[start:start + repeat]
+        r = runs[0]
+        print(f"\n{r['size']} instances, KV exchange {r['exchange_mode']}: {repeat} runs "
+              "(fresh processes each; the tables above show the last)")
+        print(f"{'figure':<34} {'median':>8} {'min':>8} {'max':>8}  each run")
+        formats = {label: fmt for label, _, fmt in _REPEATED}
+        for label, values, median, low, high in repeat_summary(runs):
+            fmt = formats[label]
+            each = " ".join(fmt.format(v) for v in values)
+            print(f"{label:<34} {fmt.format(median):>8} {fmt.format(low):>8} "
+                  f"{fmt.format(high):>8}  {each}")
 
 
 def _print_modes(results: list[dict]) -> None:
