@@ -29,8 +29,10 @@ outputs are formed as without lookahead.
 
 A token cap (``cap_tokens``) lowers every output's budget for a while (0: nothing goes out).
 A group's leader uses it around a drop: nothing else runs while the KV of the requests it
-took over is moving, then small micro-batches until each of them has gone out once, so they
-are not stuck behind a queued prefill.
+took over is moving, then small micro-batches, splitting those requests evenly, until a token
+of each of them has come back, so none is stuck behind a queued prefill: neither scheduled
+after it nor, its micro-batch on its way through the later stages, waiting while the first
+stage (the leader's own thread) computes it.
 """
 
 from __future__ import annotations
@@ -92,15 +94,15 @@ class Scheduler:
         self._cap_until: set[str] | None = None
 
     # -- token cap ---------------------------------------------------------------------------
-    def cap_tokens(self, tokens: int | None, until_scheduled: Collection[str] = ()) -> None:
+    def cap_tokens(self, tokens: int | None, until_back: Collection[str] = ()) -> None:
         """Give every output at most ``tokens`` tokens (0: schedule nothing; None:
-        ``max_num_batched_tokens`` again). With ``until_scheduled``, the cap ends by itself
-        after the output that schedules the last of those requests (or once none of them is
-        here and running any more)."""
+        ``max_num_batched_tokens`` again). With ``until_back``, the cap ends by itself once
+        an output of each of those requests has come back through ``update_from_output`` (or
+        none of them is here and running any more)."""
         if tokens is not None and tokens < 0:
             raise ValueError(f"a token cap must be at least 0, got {tokens}")
         self._token_cap = tokens
-        self._cap_until = set(until_scheduled) if tokens is not None and until_scheduled \
+        self._cap_until = set(until_back) if tokens is not None and until_back \
             else None
         self._plan.clear()
 
@@ -111,9 +113,9 @@ class Scheduler:
         return limit if self._token_cap is None else min(limit, self._token_cap)
 
     def _count_cap(self, out: SchedulerOutput | None = None) -> None:
-        """Strike the requests the cap waits for that ``out`` schedules, that are gone or no
-        longer running (preempted: they start over, nothing to wait for); lift it when none
-        is left."""
+        """Strike the requests the cap waits for that came back in ``out``, that are gone or
+        no longer running (preempted: they start over, nothing to wait for); lift it when
+        none is left."""
         if self._cap_until is None:
             return
         self._cap_until = {rid for rid in self._cap_until if rid in self.requests
@@ -226,13 +228,16 @@ class Scheduler:
                                   for c in out.chunks] != [(w.request_id, w.prefix, w.num_tokens)
                                                            for w in piece]:
             self._plan.clear()  # it did not go out as planned (blocks): plan afresh
-        self._count_cap(out)
         return out
 
     def _seats(self) -> int:
         """How many sequences this output may carry: all of them with one output in flight,
-        an even share with ``num_micro_batches`` in flight."""
-        live = min(len(self.requests), self.config.max_num_seqs)
+        an even share with ``num_micro_batches`` in flight: of every request here, or while
+        a cap waits for requests (a drop's moved requests, see ``cap_tokens``) of the
+        running ones, so that those split evenly over the first outputs and the first of
+        them comes back as soon as it can (the queue waits for them anyway)."""
+        live = len(self.running) if self._cap_until else len(self.requests)
+        live = min(live, self.config.max_num_seqs)
         return -(-live // self.config.num_micro_batches)
 
     def _unscheduled(self, request: Request) -> int:
@@ -474,4 +479,5 @@ class Scheduler:
             status = request.stop_status(self.config.max_model_len)
             if status is not None:
                 self.finish_request(request.request_id, status)
+        self._count_cap(out)
         return progressed

@@ -218,3 +218,25 @@ def test_a_member_dying_mid_reconfiguration_loses_no_request(models, phase):
     assert set(reports) == {0}
     for rid, prompt in prompt_of.items():
         assert merged[rid] == hf_greedy(models["llama4"], prompt, MAX_TOKENS), rid
+
+
+def test_the_members_that_entered_the_drop_first_are_served_first():
+    """Each member enters a drop after its own last solo step; the leader serves the requests
+    of those that entered first (they have waited longest for a token) first, in each
+    member's own order, whatever the ranks."""
+    from kunserve.worker.handover import RequestState
+    from kunserve.worker.pipeline.reconfigure import longest_waiting_first
+    from kunserve.worker.pipeline.stage_messages import DropHello
+
+    def hello(rank: int, entered_at: float, ids: list[str]) -> DropHello:
+        states = [RequestState(request_id=rid, prompt_token_ids=[1, 2], output_token_ids=[3],
+                               sampling_params=SamplingParams(), eos_token_ids=[],
+                               num_computed_tokens=2, running=True, block_table=[0])
+                  for rid in ids]
+        return DropHello(rank=rank, capacity_blocks=8, solo_blocks=4, tables={},
+                         requests=states, generators={}, entered_at=entered_at)
+
+    hellos = [hello(0, 10.020, ["a0", "a1"]), hello(1, 10.000, ["b0", "b1"]),
+              hello(2, 10.010, ["c0"])]
+    assert [s.request_id for s in longest_waiting_first(hellos)] == ["b0", "b1", "c0", "a0",
+                                                                      "a1"]

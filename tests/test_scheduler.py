@@ -308,9 +308,12 @@ def test_a_token_cap_of_zero_schedules_nothing_and_lifting_it_serves_again():
         sched.cap_tokens(-1)
 
 
-def test_a_token_cap_ends_after_the_output_that_schedules_the_last_request_it_waits_for():
-    """What a drop's leader does once the moved requests' KV is in: small outputs until each
-    of them has gone out once, so none waits behind a queued prefill; then the full budget."""
+def test_a_token_cap_ends_once_a_token_of_each_request_it_waits_for_came_back():
+    """What a drop's leader does once the moved requests' KV is in: they split evenly over
+    the outputs in flight (the queued request does not count: it waits for them), and every
+    output stays small until a token of each has come back, so none of them waits behind a
+    queued prefill, to go out or (the first stage computing it) to come back; then the full
+    budget."""
     sched = make_pipelined(2, max_num_batched_tokens=512, num_blocks=128)
     old = make_requests(4, prompt_len=4, max_tokens=8)
     add_all(sched, old)
@@ -320,18 +323,19 @@ def test_a_token_cap_ends_after_the_output_that_schedules_the_last_request_it_wa
     sched.update_from_output(second, sample_all(second))
     add_all(sched, [make_request("queued", prompt_len=300, base=9000)])
     sched.cap_tokens(10, ["r0", "r1", "r2", "r3"])
-    a = sched.schedule()  # 5 live sequences: 3 seats an output
-    assert scheduled_ids(a) == ["r0", "r1", "r2"] and sched.token_budget == 10
-    b = sched.schedule()  # r3's decode and 9 tokens of the prefill: the cap holds
-    assert scheduled_ids(b) == ["r3", "queued"]
-    assert [c.num_tokens for c in b.chunks] == [1, 9]
-    assert sched.token_budget == 512  # every request it waited for went out
+    a = sched.schedule()  # 4 running sequences: 2 seats an output while capped
+    assert scheduled_ids(a) == ["r0", "r1"] and sched.token_budget == 10
+    b = sched.schedule()
+    assert scheduled_ids(b) == ["r2", "r3"]
     sched.update_from_output(a, sample_all(a))
+    assert sched.token_budget == 10  # r2 and r3 are not back yet
     c = sched.schedule()
-    assert chunk_of(c, "queued") is None  # in flight: its next chunk waits for it
+    assert scheduled_ids(c) == ["r0", "r1"]  # the prefill still waits
     sched.update_from_output(b, sample_all(b))
-    d = sched.schedule()
-    assert chunk_of(d, "queued").num_tokens == 300 - 9  # the rest, uncapped
+    assert sched.token_budget == 512  # a token of every request it waited for came back
+    d = sched.schedule()  # 5 live sequences: 3 seats, the prefill uncapped
+    assert scheduled_ids(d) == ["r2", "r3", "queued"]
+    assert chunk_of(d, "queued").num_tokens == 300
 
 
 def test_a_token_cap_ends_when_the_requests_it_waits_for_are_gone():

@@ -16,9 +16,11 @@ thread (``KVExchange``), and the leader holds the requests whose KV moves (their
 a placeholder) until every member reports its slices written (``KVInPlace``, then
 ``complete_drop``). Held requests go first: while their KV moves the leader serves nothing
 else (a queued prefill would take the cores from the exchange and hold their first
-micro-batch back; with none held, the queued requests are served at once), and until each
-has gone out once, its micro-batches are capped at about the cost of one of theirs
-(``_resume_cap``).
+micro-batch back; with none held, the queued requests are served at once). Then, until a
+token of each has come back, they split evenly over the micro-batches and every micro-batch
+is capped at about the cost of one of theirs (``_resume_cap``), so that none of their first
+tokens waits while the leader's stage computes a queued prefill. The requests of the members
+that entered the drop first go first: they have waited longest for a token.
 
 ``restore``: first every member pulls the layers it dropped from the peers that hold them
 (``pull_layers``, over the epoch's second link, on a helper thread while the group keeps
@@ -202,7 +204,7 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     ends on a helper thread after this returns (``membership.exchange``; the leader runs
     nothing until it is done, which ``on_exchanged`` signals, then calls ``complete_drop``),
     and ``pull_layers`` overlaps serving. Otherwise the exchange is over when this returns."""
-    start = time.perf_counter()
+    start, entered_at = time.perf_counter(), time.time()
     engine_outputs = engine.drain()
     if engine_outputs:  # a solo engine runs one step at a time: nothing is ever left here
         raise RuntimeError("drop with steps in flight")
@@ -220,7 +222,7 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     generators = solo_runner.sampler.export_generators()
     hello = DropHello(rank=rank, capacity_blocks=capacity, solo_blocks=solo_memory.num_blocks,
                       tables={s.request_id: s.block_table for s in states}, requests=states,
-                      generators=generators)
+                      generators=generators, entered_at=entered_at)
     try:
         welcome, requests = _agree_on_drop(link, hello, model.num_layers)
     except (DropRefused, StageLinkError):  # nothing changed yet: take the requests back
@@ -298,12 +300,13 @@ def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
 
 
 def _resume_cap(engine: LLMEngine, held: list[RequestState]) -> int:
-    """Leader: the token cap per micro-batch until each of ``held`` (whose KV has just
-    landed) has gone out once: a micro-batch then costs about what one of their decode
-    micro-batches does, so the last of them does not wait behind a queued prefill of up to
-    ``max_num_batched_tokens``. At least ``lookahead_min_tokens``, and room for a share's
-    decodes (below that the cap would never lift: the first of them come back and take the
-    budget again). By the cost model, or by the model's FLOPs when it has none."""
+    """Leader: the token cap per micro-batch until a token of each of ``held`` (whose KV
+    has just landed) has come back: a micro-batch then costs about what one of their decode
+    micro-batches does, so none of them waits behind a queued prefill of up to
+    ``max_num_batched_tokens``, neither to go out nor to come back (the leader's thread
+    computes the first stage of every micro-batch). At least ``lookahead_min_tokens``, and
+    room for a share's decodes. By the cost model, or by the model's FLOPs when it has
+    none."""
     model = engine.cost_model or CostModel.estimate(engine.model_config)
     share = held[:-(-len(held) // engine.scheduler.config.num_micro_batches)]
     decodes = lookahead.cost([lookahead.Work(s.request_id, len(s.prompt_token_ids)  # prefix
@@ -377,7 +380,7 @@ def _agree_on_drop(link: StageLink, own: DropHello,
         welcome.error = (f"the group would hold {min(welcome.capacities)} blocks, no more than "
                          f"its {len(hellos)} members hold solo ({solo_blocks}): dropping "
                          f"{num_layers} layers over {len(hellos)} instances gains no KV cache")
-    requests = [s for h in hellos for s in h.requests]
+    requests = longest_waiting_first(hellos)
     generators = {rid: state for h in hellos for rid, state in h.generators.items()}
     params = {s.request_id: s.sampling_params for s in requests}
     for rank in range(1, link.size):
@@ -391,6 +394,13 @@ def _agree_on_drop(link: StageLink, own: DropHello,
     if welcome.error:
         raise DropRefused(welcome.error)
     return welcome, requests
+
+
+def longest_waiting_first(hellos: list[DropHello]) -> list[RequestState]:
+    """The group's requests in the order the leader serves them after the drop: those of
+    the members that entered it first have waited longest for a token, so they go first
+    (into the first micro-batch), whatever the members' ranks; each member's in its order."""
+    return [s for h in sorted(hellos, key=lambda h: h.entered_at) for s in h.requests]
 
 
 class DropRefused(RuntimeError):

@@ -104,6 +104,9 @@ class DropHello(msgspec.Struct, tag=True, kw_only=True):
     tables: dict[str, list[int]]  # its requests' solo block tables
     requests: list[RequestState]
     generators: dict[str, bytes]  # seeded requests' random-stream states
+    # ``time.time()`` when it entered the drop, just after its last solo step: its requests
+    # have waited for a token since then
+    entered_at: float = 0.0
     error: str | None = None  # why this member cannot join (the group then fails)
 
 
