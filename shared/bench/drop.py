@@ -675,6 +675,9 @@ _REPEATED = [
     ("its bound (ms)", lambda r: 1e3 * r["gap"]["worst"]["bound_s"], "{:.1f}"),
     ("requests within their bound (%)",
      lambda r: 100 * r["gap"]["within_bound"] / r["gap"]["requests"], "{:.0f}"),
+    ("queued requests' first token, p50 (ms)",
+     lambda r: 1e3 * r["queued"]["first_token_p50_s"] if r["queued"]["count"] else 0.0,
+     "{:.1f}"),
     ("pipelined / solo TPOT", lambda r: r["decode"]["tpot_ratio"], "{:.2f}"),
     ("restore total (ms)", lambda r: 1e3 * max(r["phases_s"]["restore total"]), "{:.1f}"),
 ]
@@ -696,12 +699,12 @@ def _print_repeats(results: list[dict], repeat: int) -> None:
         r = runs[0]
         print(f"\n{r['size']} instances, KV exchange {r['exchange_mode']}: {repeat} runs "
               "(fresh processes each; the tables above show the last)")
-        print(f"{'figure':<34} {'median':>8} {'min':>8} {'max':>8}  each run")
+        print(f"{'figure':<38} {'median':>8} {'min':>8} {'max':>8}  each run")
         formats = {label: fmt for label, _, fmt in _REPEATED}
         for label, values, median, low, high in repeat_summary(runs):
             fmt = formats[label]
             each = " ".join(fmt.format(v) for v in values)
-            print(f"{label:<34} {fmt.format(median):>8} {fmt.format(low):>8} "
+            print(f"{label:<38} {fmt.format(median):>8} {fmt.format(low):>8} "
                   f"{fmt.format(high):>8}  {each}")
 
 
