@@ -29,10 +29,10 @@ outputs are formed as without lookahead.
 
 A token cap (``cap_tokens``) lowers every output's budget for a while (0: nothing goes out).
 A group's leader uses it around a drop: nothing else runs while the KV of the requests it
-took over is moving, then small micro-batches, splitting those requests evenly, until a token
-of each of them has come back, so none is stuck behind a queued prefill: neither scheduled
-after it nor, its micro-batch on its way through the later stages, waiting while the first
-stage (the leader's own thread) computes it.
+took over is moving, then small micro-batches, splitting those requests evenly (lookahead
+waits), until an output of each of them has come back, so none is stuck behind a queued
+prefill: neither scheduled after it nor, its micro-batch on its way through the later stages,
+waiting while the first stage (the leader's own thread) computes it.
 """
 
 from __future__ import annotations
@@ -248,10 +248,11 @@ class Scheduler:
     # -- lookahead ---------------------------------------------------------------------------
     def _lookahead(self) -> list[lookahead.Work] | None:
         """This output's work by lookahead, or None (no cost model, one micro-batch in
-        flight, or no prefill queued: serve as without lookahead). The next micro-batch of
-        the plan while nothing came back since it was made, else the first of a new one."""
+        flight, no prefill queued, or a cap waiting for requests to come back, whose even
+        shares ``_seats`` gives: serve as without lookahead). The next micro-batch of the
+        plan while nothing came back since it was made, else the first of a new one."""
         config = self.config
-        if config.cost_model is None or config.num_micro_batches < 2:
+        if config.cost_model is None or config.num_micro_batches < 2 or self._cap_until:
             return None
         if self._plan and self._plan_holds(self._plan[0]):
             return self._plan.popleft()

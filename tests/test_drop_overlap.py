@@ -182,8 +182,8 @@ def test_the_moved_requests_go_first_and_nothing_runs_while_their_kv_moves(model
     assert leader["stalled"] == [True] * HELD_STEPS
     cancelled = leader["cancelled"]
     assert leader["adopted"] == [r for r in leader["held"] if r != cancelled]
-    # nothing while held; then about one decode micro-batch (at least 32 tokens) until each
-    # moved request has gone out once; then the full budget again
+    # nothing while held; then about one decode micro-batch (at least 32 tokens) until an
+    # output of each moved request has come back; then the full budget again
     full = leader["max_num_batched_tokens"]
     assert leader["budget_while_held"] == 0
     assert 32 <= leader["budget_after_adopting"] < full and leader["budget_after"] == full

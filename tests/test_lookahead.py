@@ -235,3 +235,26 @@ def test_a_token_cap_bounds_every_lookahead_micro_batch_until_it_lifts():
         sched.update_from_output(out, {})
     sched.cap_tokens(None)
     assert sum(c.num_tokens for c in sched.schedule().chunks) > 40
+
+
+def test_lookahead_waits_while_a_cap_waits_for_moved_requests_to_come_back():
+    """A drop's leader, its moved requests' KV just in, a prefill queued: while the cap waits
+    for them, they split evenly over the micro-batches in flight and the prefill waits (no
+    lookahead plan would keep them together); once an output of each came back, lookahead
+    plans again."""
+    sched = lookahead_scheduler(depth=2, budget=256)
+    moved = add_all(sched, make_requests(4, prompt_len=4))
+    warm = [sched.schedule(), sched.schedule()]
+    for out in warm:
+        sched.update_from_output(out, {c.request_id: 7 for c in out.chunks})
+    assert all(r.output_token_ids == [7] for r in moved)
+    add_all(sched, [make_request("queued", prompt_len=300, base=9000)])
+    sched.cap_tokens(40, [r.request_id for r in moved])
+    first, second = sched.schedule(), sched.schedule()
+    assert [c.request_id for c in first.chunks] == ["r0", "r1"]
+    assert [c.request_id for c in second.chunks] == ["r2", "r3"]
+    sched.update_from_output(first, {"r0": 8, "r1": 8})
+    sched.update_from_output(second, {"r2": 8, "r3": 8})
+    assert sched.token_budget == 256
+    third = sched.schedule()  # the plan again: decodes and a chunk of the queued prompt
+    assert "queued" in [c.request_id for c in third.chunks]

@@ -308,10 +308,10 @@ def test_a_token_cap_of_zero_schedules_nothing_and_lifting_it_serves_again():
         sched.cap_tokens(-1)
 
 
-def test_a_token_cap_ends_once_a_token_of_each_request_it_waits_for_came_back():
+def test_a_token_cap_ends_once_an_output_of_each_request_it_waits_for_came_back():
     """What a drop's leader does once the moved requests' KV is in: they split evenly over
     the outputs in flight (the queued request does not count: it waits for them), and every
-    output stays small until a token of each has come back, so none of them waits behind a
+    output stays small until an output of each has come back, so none of them waits behind a
     queued prefill, to go out or (the first stage computing it) to come back; then the full
     budget."""
     sched = make_pipelined(2, max_num_batched_tokens=512, num_blocks=128)
@@ -332,7 +332,7 @@ def test_a_token_cap_ends_once_a_token_of_each_request_it_waits_for_came_back():
     c = sched.schedule()
     assert scheduled_ids(c) == ["r0", "r1"]  # the prefill still waits
     sched.update_from_output(b, sample_all(b))
-    assert sched.token_budget == 512  # a token of every request it waited for came back
+    assert sched.token_budget == 512  # an output of every request it waited for came back
     d = sched.schedule()  # 5 live sequences: 3 seats, the prefill uncapped
     assert scheduled_ids(d) == ["r2", "r3", "queued"]
     assert chunk_of(d, "queued").num_tokens == 300

@@ -16,10 +16,11 @@ thread (``KVExchange``), and the leader holds the requests whose KV moves (their
 a placeholder) until every member reports its slices written (``KVInPlace``, then
 ``complete_drop``). Held requests go first: while their KV moves the leader serves nothing
 else (a queued prefill would take the cores from the exchange and hold their first
-micro-batch back; with none held, the queued requests are served at once). Then, until a
-token of each has come back, they split evenly over the micro-batches and every micro-batch
-is capped at about the cost of one of theirs (``_resume_cap``), so that none of their first
-tokens waits while the leader's stage computes a queued prefill. The requests of the members
+micro-batch back; with none held, the queued requests are served at once). Then, until an
+output of each has come back, they split evenly over the micro-batches (no lookahead
+meanwhile) and every micro-batch is capped at about the cost of one of theirs
+(``_resume_cap``), so that none of their first tokens waits while the leader's stage computes
+a queued prefill. The requests of the members
 that entered the drop first go first: they have waited longest for a token.
 
 ``restore``: first every member pulls the layers it dropped from the peers that hold them
@@ -300,13 +301,15 @@ def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
 
 
 def _resume_cap(engine: LLMEngine, held: list[RequestState]) -> int:
-    """Leader: the token cap per micro-batch until a token of each of ``held`` (whose KV
+    """Leader: the token cap per micro-batch until an output of each of ``held`` (whose KV
     has just landed) has come back: a micro-batch then costs about what one of their decode
     micro-batches does, so none of them waits behind a queued prefill of up to
     ``max_num_batched_tokens``, neither to go out nor to come back (the leader's thread
     computes the first stage of every micro-batch). At least ``lookahead_min_tokens``, and
-    room for a share's decodes. By the cost model, or by the model's FLOPs when it has
-    none."""
+    room for a share's decodes: a micro-batch carries one share of them (``Scheduler._seats``),
+    and with less room some would not go out in their share's micro-batch and the first
+    round would take more micro-batches. By the cost model, or by the model's FLOPs when it
+    has none."""
     model = engine.cost_model or CostModel.estimate(engine.model_config)
     share = held[:-(-len(held) // engine.scheduler.config.num_micro_batches)]
     decodes = lookahead.cost([lookahead.Work(s.request_id, len(s.prompt_token_ids)  # prefix
@@ -399,7 +402,9 @@ def _agree_on_drop(link: StageLink, own: DropHello,
 def longest_waiting_first(hellos: list[DropHello]) -> list[RequestState]:
     """The group's requests in the order the leader serves them after the drop: those of
     the members that entered it first have waited longest for a token, so they go first
-    (into the first micro-batch), whatever the members' ranks; each member's in its order."""
+    (into the first micro-batch), whatever the members' ranks; each member's in its order.
+    ``entered_at`` is each member's wall clock: on one host exact; across hosts as close as
+    their clocks are (NTP: about a millisecond, against entries up to a solo step apart)."""
     return [s for h in sorted(hellos, key=lambda h: h.entered_at) for s in h.requests]
 
 
