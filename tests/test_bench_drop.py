@@ -197,3 +197,15 @@ def test_repeated_runs_are_summed_up_by_median_and_range(tmp_path):
 def test_repeat_below_one_is_refused(capsys):
     assert main(["bench", "drop", "--model", "unused", "--repeat", "0"]) == 2
     assert "--repeat must be >= 1" in capsys.readouterr().err
+
+
+def test_requests_no_solo_instance_could_hold_are_refused_before_spawning(tmp_path, capsys):
+    from kunserve.tiny_model import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "llama4", arch="llama", layers=4, hidden_size=64,
+                            heads=4, kv_heads=2, intermediate_size=128, vocab_size=512, seed=3)
+    assert main(["bench", "drop", "--model", str(model), "--instances", "2",
+                 "--requests-per-instance", "64", "--prompt-len", "1024",
+                 "--output-len", "1024", "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "KV blocks per instance" in err and "lower --requests-per-instance" in err

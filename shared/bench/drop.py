@@ -148,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="kunserve-bench-drop-") as tmp:
         model = args.model or _build_default_model(Path(tmp) / "bench-model")
+        _check_fits(args, model)
         for size in args.instances:
             for overlap in modes:
                 spec = DropBenchSpec(model, size, args.requests_per_instance, args.prompt_len,
@@ -168,6 +169,32 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _check_fits(args: argparse.Namespace, model: str) -> None:
+    """Refuse, before anything is spawned, requests that one solo instance cannot hold at
+    their full length: the restore puts each member's share back on one."""
+    from kunserve.worker.engine import EngineConfig
+    from kunserve.worker.instance_memory import model_parameter_bytes, plan_instance_memory
+    from kunserve.worker.model_config import ModelConfig
+
+    config, model_config = EngineConfig(model=model, num_threads=args.threads), \
+        ModelConfig.from_dir(model)
+    solo = plan_instance_memory(config, model_config,
+                                model_parameter_bytes(model_config, config.dtype),
+                                model_config.num_layers).num_blocks
+
+    def blocks(tokens: int) -> int:
+        return -(-tokens // config.block_size)
+
+    needed = (args.requests_per_instance * blocks(args.prompt_len + args.output_len)
+              + args.queued_per_instance * blocks(args.prompt_len + QUEUED_TOKENS))
+    if needed > solo:
+        raise ValueError(
+            f"{args.requests_per_instance} requests of {args.prompt_len} + {args.output_len} "
+            f"tokens (and {args.queued_per_instance} queued) need {needed} KV blocks per "
+            f"instance, and a solo instance of this model holds {solo}: the restore could not "
+            "put them back; lower --requests-per-instance, --prompt-len or --output-len")
 
 
 # -- the parent: spawn the members, merge what they saw ----------------------------------------
