@@ -35,7 +35,7 @@ from kunserve.bench.local_stack import LocalStack, StackOptions
 from kunserve.bench.mechanisms import counted_between, fetch_counters
 from kunserve.bench.plots import plot_ttft_cdf
 from kunserve.bench.replay import RunResult, add_run_args, replay_scenario, write_result
-from kunserve.bench.report import format_mechanisms, format_table
+from kunserve.bench.report import format_mechanisms, format_repeats, format_table, repeat_rows
 from kunserve.bench.results import summary_row, write_csv, write_json
 from kunserve.bench.scenario import Scenario, add_scenario_args, build_scenario, describe
 from kunserve.bench.stack_probe import fetch_stack_info, warm_up
@@ -67,6 +67,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "--memory-per-instance; the default demo: 1/3)")
     p.add_argument("--threads-per-worker", type=int, default=None, help="passed to kunserve up")
     p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of every policy, each a fresh stack per policy replaying the "
+                        "same requests; with more than one, each round's files go to "
+                        "OUT/round-K/ and a table gives each figure's median and range and "
+                        "each policy's ratio to kunserve round by round (runs here vary a lot)")
     p.add_argument("--no-profile", action="store_true",
                    help="do not profile a checkpoint that has no cost model (pipelined groups "
                         "then batch without lookahead)")
@@ -85,6 +90,8 @@ def _policies(text: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.repeat < 1:
+        raise ValueError("--repeat must be >= 1")
     model = served_model(args.model, profile=not args.no_profile)
     options = StackOptions(instances=args.instances, model=model,
                            memory_per_instance=args.memory_per_instance,
@@ -92,11 +99,28 @@ def run(args: argparse.Namespace) -> int:
                            startup_timeout_s=args.startup_timeout,
                            extra_env=_budget_env(args))
     scenario: Scenario | None = None
+    rounds: list[list[RunResult]] = []
+    for k in range(1, args.repeat + 1):
+        out = args.out if args.repeat == 1 else args.out / f"round-{k}"
+        if args.repeat > 1:
+            print(f"== round {k} of {args.repeat}", flush=True)
+        results, scenario = _one_round(args, options, out, scenario)
+        _report(out, results)
+        rounds.append(results)
+    if args.repeat > 1:
+        _report_repeats(args.out, rounds)
+    return 0
+
+
+def _one_round(args: argparse.Namespace, options: StackOptions, out: Path,
+               scenario: Scenario | None) -> tuple[list[RunResult], Scenario]:
+    """Every policy once, each on a fresh stack under ``out/<policy>``; the scenario is
+    built on the first stack of the first round and replayed as it is from then on."""
     results: list[RunResult] = []
     for policy in args.policies:
         print(f"== {policy}: starting kunserve up --instances {args.instances} --policy "
               f"{policy}", flush=True)
-        with LocalStack(args.out / policy, options, policy) as stack:
+        with LocalStack(out / policy, options, policy) as stack:
             args.admin_token = stack.admin_token
             info = asyncio.run(fetch_stack_info(stack.url, stack.admin_token, args.block_size))
             baseline = asyncio.run(read_states(stack.url, stack.admin_token))
@@ -115,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
             result.config.update(policy=policy, instances=args.instances,
                                  mechanisms=mechanisms)
             results.append(result)
-    _report(args.out, results)
-    return 0
+    assert scenario is not None
+    return results, scenario
 
 
 def _budget_env(args: argparse.Namespace) -> dict[str, str]:
@@ -170,3 +194,14 @@ def _report(out: Path, results: list[RunResult]) -> None:
     print(format_table(summaries, slo, baseline=BASELINE))
     print(format_mechanisms({r.name: r.config.get("mechanisms", {}) for r in results}))
     print(f"\nresults in {out}")
+
+
+def _report_repeats(out: Path, rounds: list[list[RunResult]]) -> None:
+    summaries = [{r.name: r.summary for r in results} for results in rounds]
+    write_json(out / "repeats.json", {"rounds": len(rounds), "rows": [
+        {"figure": label, "policy": policy, "values": values, "ratios_to_kunserve": ratios}
+        for label, policy, values, ratios in repeat_rows(summaries, BASELINE)]})
+    print(f"\n{len(rounds)} rounds, the same requests in each (every round's tables above; "
+          f"files under {out}/round-K/):")
+    print(format_repeats(summaries, BASELINE))
+    print(f"\nsummary in {out / 'repeats.json'}")

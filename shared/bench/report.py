@@ -4,6 +4,7 @@ latencies, worse for throughput and goodput)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 
 from kunserve.bench.stats import PERCENTILES, SloPoint, Summary, percentile_key
@@ -91,3 +92,49 @@ def format_mechanisms(counts: Mapping[str, Mapping[str, float]]) -> str:
     lines += [[label, *(_cell(counts[p].get(label), "{:.0f}") for p in policies)]
               for label in labels]
     return "\n" + _layout(lines)
+
+
+def _latency(metric: str, p: float) -> tuple[str, Callable[[Summary], float | None]]:
+    key = percentile_key(p)
+    return f"{metric.upper()} {key} (ms)", lambda s: _ms(getattr(s, metric)[key])
+
+
+# what ``format_repeats`` sums up over rounds: (label, value of one replay's summary)
+_REPEATED: list[tuple[str, Callable[[Summary], float | None]]] = [
+    ("lost (rejected+failed)", lambda s: s.lost),
+    _latency("ttft", 50), _latency("ttft", 90), _latency("ttft", 99), _latency("tpot", 50)]
+
+
+def repeat_rows(rounds: Sequence[Mapping[str, Summary]], baseline: str = "kunserve"
+                ) -> list[tuple[str, str, list[float | None], list[float | None]]]:
+    """Per figure and policy: (label, policy, its value in each round, its ratio to the
+    baseline's value of the same round in each round). Each round ran every policy."""
+    rows = []
+    for label, value in _REPEATED:
+        for policy in rounds[0]:
+            values = [value(r[policy]) for r in rounds]
+            ratios: list[float | None] = []
+            if baseline in rounds[0] and policy != baseline:
+                bases = [value(r[baseline]) for r in rounds]
+                ratios = [None if v is None or not b else v / b
+                          for v, b in zip(values, bases, strict=True)]
+            rows.append((label, policy, values, ratios))
+    return rows
+
+
+def format_repeats(rounds: Sequence[Mapping[str, Summary]], baseline: str = "kunserve") -> str:
+    """One line per figure and policy: the median over the rounds, the range, every round's
+    value, and the median and range of its ratio to the baseline round by round."""
+    lines = [["", "policy", "median", "min", "max", "each round", f"/{baseline}: median",
+              "min", "max"]]
+    for label, policy, values, ratios in repeat_rows(rounds, baseline):
+        known = [v for v in values if v is not None]
+        spread = ([statistics.median(known), min(known), max(known)] if known
+                  else [None, None, None])
+        cells = [label, policy, *(_cell(v, "{:.1f}") for v in spread),
+                 " ".join(_cell(v, "{:.1f}") for v in values)]
+        known_ratios = [r for r in ratios if r is not None]
+        cells += ([f"{statistics.median(known_ratios):.2f}x", f"{min(known_ratios):.2f}x",
+                   f"{max(known_ratios):.2f}x"] if known_ratios else ["", "", ""])
+        lines.append(cells)
+    return _layout(lines)
