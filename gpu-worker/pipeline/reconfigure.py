@@ -20,8 +20,8 @@ micro-batch back; with none held, the queued requests are served at once). Then,
 output of each has come back, they split evenly over the micro-batches (no lookahead
 meanwhile) and every micro-batch is capped at about the cost of one of theirs
 (``_resume_cap``), so that none of their first tokens waits while the leader's stage computes
-a queued prefill. The requests of the members
-that entered the drop first go first: they have waited longest for a token.
+a queued prefill. The requests of the members that entered the drop first go first: they
+have waited longest for a token.
 
 ``restore``: first every member pulls the layers it dropped from the peers that hold them
 (``pull_layers``, over the epoch's second link, on a helper thread while the group keeps

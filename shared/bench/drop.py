@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from kunserve.bench.stats import spread
 from kunserve.worker.pipeline.io_threads import IO_SLICE_US, shorten_io_slices
 
 HOST = "127.0.0.1"
@@ -715,7 +716,7 @@ def repeat_summary(runs: list[dict]) -> list[tuple[str, list[float], float, floa
     rows = []
     for label, figure, _ in _REPEATED:
         values = [figure(r) for r in runs]
-        rows.append((label, values, statistics.median(values), min(values), max(values)))
+        rows.append((label, values, *spread(values)))
     return rows
 
 

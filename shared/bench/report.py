@@ -4,10 +4,9 @@ latencies, worse for throughput and goodput)."""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 
-from kunserve.bench.stats import PERCENTILES, SloPoint, Summary, percentile_key
+from kunserve.bench.stats import PERCENTILES, SloPoint, Summary, percentile_key, spread
 
 TABLE_SLO_SCALES = (1, 2, 5, 10)
 GOODPUT_SCALE = 5
@@ -129,12 +128,11 @@ def format_repeats(rounds: Sequence[Mapping[str, Summary]], baseline: str = "kun
               "min", "max"]]
     for label, policy, values, ratios in repeat_rows(rounds, baseline):
         known = [v for v in values if v is not None]
-        spread = ([statistics.median(known), min(known), max(known)] if known
-                  else [None, None, None])
-        cells = [label, policy, *(_cell(v, "{:.1f}") for v in spread),
+        cells = [label, policy, *(_cell(v, "{:.1f}")
+                                  for v in (spread(known) if known else (None,) * 3)),
                  " ".join(_cell(v, "{:.1f}") for v in values)]
         known_ratios = [r for r in ratios if r is not None]
-        cells += ([f"{statistics.median(known_ratios):.2f}x", f"{min(known_ratios):.2f}x",
-                   f"{max(known_ratios):.2f}x"] if known_ratios else ["", "", ""])
+        cells += ([f"{r:.2f}x" for r in spread(known_ratios)] if known_ratios
+                  else ["", "", ""])
         lines.append(cells)
     return _layout(lines)

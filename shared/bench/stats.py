@@ -24,6 +24,7 @@ Definitions (what the JSON, CSV and tables report):
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -44,6 +45,11 @@ def percentile(values: Iterable[float], p: float) -> float | None:
     lo = math.floor(h)
     hi = min(lo + 1, len(xs) - 1)
     return xs[lo] + (h - lo) * (xs[hi] - xs[lo])
+
+
+def spread(values: Sequence[float]) -> tuple[float, float, float]:
+    """(median, min, max) of repeated runs' figures (at least one)."""
+    return statistics.median(values), min(values), max(values)
 
 
 def percentile_key(p: float) -> str:
