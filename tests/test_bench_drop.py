@@ -192,6 +192,7 @@ def test_repeated_runs_are_summed_up_by_median_and_range(tmp_path):
     assert rows["longest gap across the drop (ms)"][0] == gaps
     for label in rows:
         assert f"\n{label} " in printed, label
+    assert "queued requests' first token, p50 (ms)" not in rows  # none queued: not measured
 
 
 def test_repeat_below_one_is_refused(capsys):

@@ -703,8 +703,8 @@ _REPEATED = [
     ("its bound (ms)", lambda r: 1e3 * r["gap"]["worst"]["bound_s"], "{:.1f}"),
     ("requests within their bound (%)",
      lambda r: 100 * r["gap"]["within_bound"] / r["gap"]["requests"], "{:.0f}"),
-    ("queued requests' first token, p50 (ms)",
-     lambda r: 1e3 * r["queued"]["first_token_p50_s"] if r["queued"]["count"] else 0.0,
+    ("queued requests' first token, p50 (ms)",  # None: nothing was queued
+     lambda r: 1e3 * r["queued"]["first_token_p50_s"] if r["queued"]["count"] else None,
      "{:.1f}"),
     ("pipelined / solo TPOT", lambda r: r["decode"]["tpot_ratio"], "{:.2f}"),
     ("restore total (ms)", lambda r: 1e3 * max(r["phases_s"]["restore total"]), "{:.1f}"),
@@ -712,23 +712,25 @@ _REPEATED = [
 
 
 def repeat_summary(runs: list[dict]) -> list[tuple[str, list[float], float, float, float]]:
-    """Per figure of ``_REPEATED``: (label, each run's value, median, min, max)."""
+    """Per figure of ``_REPEATED`` that every run measured: (label, each run's value, median,
+    min, max)."""
     rows = []
     for label, figure, _ in _REPEATED:
         values = [figure(r) for r in runs]
-        rows.append((label, values, *spread(values)))
+        if None not in values:
+            rows.append((label, values, *spread(values)))
     return rows
 
 
 def _print_repeats(results: list[dict], repeat: int) -> None:
     """One table per configuration: each figure's median and range over its runs."""
+    formats = {label: fmt for label, _, fmt in _REPEATED}
     for start in range(0, len(results), repeat):
         runs = results[start:start + repeat]
         r = runs[0]
         print(f"\n{r['size']} instances, KV exchange {r['exchange_mode']}: {repeat} runs "
               "(fresh processes each; the tables above show the last)")
         print(f"{'figure':<38} {'median':>8} {'min':>8} {'max':>8}  each run")
-        formats = {label: fmt for label, _, fmt in _REPEATED}
         for label, values, median, low, high in repeat_summary(runs):
             fmt = formats[label]
             each = " ".join(fmt.format(v) for v in values)

@@ -93,15 +93,9 @@ def format_mechanisms(counts: Mapping[str, Mapping[str, float]]) -> str:
     return "\n" + _layout(lines)
 
 
-def _latency(metric: str, p: float) -> tuple[str, Callable[[Summary], float | None]]:
-    key = percentile_key(p)
-    return f"{metric.upper()} {key} (ms)", lambda s: _ms(getattr(s, metric)[key])
-
-
-# what ``format_repeats`` sums up over rounds: (label, value of one replay's summary)
-_REPEATED: list[tuple[str, Callable[[Summary], float | None]]] = [
-    ("lost (rejected+failed)", lambda s: s.lost),
-    _latency("ttft", 50), _latency("ttft", 90), _latency("ttft", 99), _latency("tpot", 50)]
+# the rows of ``format_table`` that ``format_repeats`` sums up over rounds
+_REPEATED = ("lost (rejected+failed)", "TTFT p50 (ms)", "TTFT p90 (ms)", "TTFT p99 (ms)",
+             "TPOT p50 (ms)")
 
 
 def repeat_rows(rounds: Sequence[Mapping[str, Summary]], baseline: str = "kunserve"
@@ -109,12 +103,12 @@ def repeat_rows(rounds: Sequence[Mapping[str, Summary]], baseline: str = "kunser
     """Per figure and policy: (label, policy, its value in each round, its ratio to the
     baseline's value of the same round in each round). Each round ran every policy."""
     rows = []
-    for label, value in _REPEATED:
+    for label, value, _ in (row for row in _rows() if row[0] in _REPEATED):
         for policy in rounds[0]:
-            values = [value(r[policy]) for r in rounds]
+            values = [value(r[policy], []) for r in rounds]
             ratios: list[float | None] = []
             if baseline in rounds[0] and policy != baseline:
-                bases = [value(r[baseline]) for r in rounds]
+                bases = [value(r[baseline], []) for r in rounds]
                 ratios = [None if v is None or not b else v / b
                           for v, b in zip(values, bases, strict=True)]
             rows.append((label, policy, values, ratios))
