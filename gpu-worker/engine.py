@@ -282,7 +282,7 @@ class LLMEngine:
         """Fill the runner with up to ``depth`` scheduled steps, then take back the oldest."""
         outputs, self._rejected = self._rejected, []
         idle = not self._in_flight
-        submitted = self._fill()
+        submitted = self.fill()
         outputs += self._collect()
         self.stalled = idle and not submitted and not outputs
         return outputs
@@ -294,8 +294,15 @@ class LLMEngine:
             outputs += self._collect()
         return outputs
 
-    def _fill(self) -> int:
-        """How many scheduled steps it handed to the runner."""
+    @property
+    def num_in_flight(self) -> int:
+        """Scheduled steps handed to the runner and not taken back yet."""
+        return len(self._in_flight)
+
+    def fill(self) -> int:
+        """Hand the runner scheduled steps up to its depth without taking any back (``step``
+        does, then takes the oldest back; a drop's leader alone starts the requests that can
+        run while the KV of the others is still moving). Returns how many it handed over."""
         submitted = 0
         while len(self._in_flight) < self.runner.depth:
             scheduled = self.scheduler.schedule()

@@ -227,7 +227,7 @@ class EngineThread:
             while await self._take_commands(engine):
                 if self._hold_steps:  # a restore is between its drain and its split
                     await asyncio.sleep(0.001)
-                elif engine.has_unfinished():
+                elif self._can_step(engine):
                     await self._step(engine)
                 await self._report_load(engine)
                 self._turned_at = time.monotonic()
@@ -246,7 +246,7 @@ class EngineThread:
         # one turn of the loop: it receives the commands sent in the meantime
         await asyncio.sleep(0)
         commands = []
-        if not engine.has_unfinished() and self._inbox.empty():
+        if not self._can_step(engine) and self._inbox.empty():
             try:
                 async with asyncio.timeout(self._idle_wait()):
                     commands.append(await self._inbox.get())
@@ -260,6 +260,12 @@ class EngineThread:
             await self._apply(engine, command)
             self._dirty = True
         return True
+
+    def _can_step(self, engine: LLMEngine) -> bool:
+        """Work to step, and no drop's KV exchange to wait for first
+        (``reconfigure.waits_for_kv``: it ends with an ``ExchangeDone`` command)."""
+        return engine.has_unfinished() and not reconfigure.waits_for_kv(engine,
+                                                                         self._membership)
 
     def _idle_wait(self) -> float:
         since = time.monotonic() - self._last_report

@@ -27,8 +27,9 @@ known tokens go ahead this way (a chunk that samples is always a request's last)
 with a chunk in flight is still never preempted. With no prefill queued (decodes only)
 outputs are formed as without lookahead.
 
-A token cap (``cap_tokens``) lowers every output's budget for a while (0: nothing goes out).
-A group's leader uses it around a drop: nothing else runs while the KV of the requests it
+A token cap (``cap_tokens``) lowers every output's budget for a while (0: nothing goes out;
+or only so many outputs, each of every running request). A group's leader uses it around a
+drop: one micro-batch of its own requests and nothing else while the KV of the requests it
 took over is moving, then small micro-batches, splitting those requests evenly (lookahead
 waits), until an output of each of them has come back, so none is stuck behind a queued
 prefill: neither scheduled after it nor, its micro-batch on its way through the later stages,
@@ -89,27 +90,42 @@ class Scheduler:
                             if config.swap_blocks else None)
         self.swapped: deque[Request] = deque()
         self.num_swaps = 0  # swap-outs so far
-        # a lower token budget per output (``cap_tokens``), and the requests it waits for
+        # a lower token budget per output (``cap_tokens``), the requests it waits for, and
+        # how many outputs may still go out under it (None: any number)
         self._token_cap: int | None = None
         self._cap_until: set[str] | None = None
+        self._cap_outputs: int | None = None
 
     # -- token cap ---------------------------------------------------------------------------
-    def cap_tokens(self, tokens: int | None, until_back: Collection[str] = ()) -> None:
+    def cap_tokens(self, tokens: int | None, until_back: Collection[str] = (),
+                   outputs: int | None = None) -> None:
         """Give every output at most ``tokens`` tokens (0: schedule nothing; None:
         ``max_num_batched_tokens`` again). With ``until_back``, the cap ends by itself once
         an output of each of those requests has come back through ``update_from_output`` (or
-        none of them is here and running any more)."""
+        none of them is here and running any more). With ``outputs``, only that many outputs
+        go out under it, each with every running request that fits (no even split, no queued
+        request), then nothing until the next call."""
         if tokens is not None and tokens < 0:
             raise ValueError(f"a token cap must be at least 0, got {tokens}")
+        if outputs is not None and (tokens is None or outputs < 0):
+            raise ValueError("a number of outputs needs a token cap and is at least 0")
         self._token_cap = tokens
         self._cap_until = set(until_back) if tokens is not None and until_back \
             else None
+        self._cap_outputs = outputs
         self._plan.clear()
+
+    @property
+    def capped_until(self) -> frozenset[str]:
+        """The requests the cap waits for to come back (empty: none)."""
+        return frozenset(self._cap_until or ())
 
     @property
     def token_budget(self) -> int:
         """Tokens one output may carry now."""
         limit = self.config.max_num_batched_tokens
+        if self._cap_outputs == 0:
+            return 0
         return limit if self._token_cap is None else min(limit, self._token_cap)
 
     def _count_cap(self, out: SchedulerOutput | None = None) -> None:
@@ -220,6 +236,9 @@ class Scheduler:
         allowed = None if piece is None else {w.request_id: w.num_tokens for w in piece}
         seats = self._seats() if allowed is None else self.config.max_num_seqs
         budget = self._schedule_running(out, self.token_budget, seats, allowed)
+        if self._cap_outputs is not None:  # the running requests alone
+            self._cap_outputs -= bool(out.chunks)
+            return out
         if budget is not None and not out.preempted:
             budget = self._schedule_swapped(out, budget, seats)
         if budget is not None and not out.preempted and not self.swapped:
@@ -238,6 +257,8 @@ class Scheduler:
         them comes back as soon as it can (the queue waits for them anyway)."""
         live = len(self.running) if self._cap_until else len(self.requests)
         live = min(live, self.config.max_num_seqs)
+        if self._cap_outputs is not None:
+            return live
         return -(-live // self.config.num_micro_batches)
 
     def _unscheduled(self, request: Request) -> int:
@@ -252,7 +273,8 @@ class Scheduler:
         shares ``_seats`` gives: serve as without lookahead). The next micro-batch of the
         plan while nothing came back since it was made, else the first of a new one."""
         config = self.config
-        if config.cost_model is None or config.num_micro_batches < 2 or self._cap_until:
+        if (config.cost_model is None or config.num_micro_batches < 2 or self._cap_until
+                or self._cap_outputs is not None):
             return None
         if self._plan and self._plan_holds(self._plan[0]):
             return self._plan.popleft()

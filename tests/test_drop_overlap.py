@@ -2,11 +2,12 @@
 
 Two spawned processes each serve their own requests solo, then drop into one group with the
 epoch's second link (``reconfigure.drop(..., layer_link)``), as a worker does. Rank 1's half
-of the exchange (``KVMove.finish``) is held back until the leader has stepped a few times, so
-the test shows, not hopes, the order the leader serves in: while the KV moves, nothing runs,
-neither the requests whose KV moves nor the one queued at the drop (the moved ones go first,
-and the exchange keeps the cores); once the KV is in place, every moved request has its first
-token before or with the queued one's first. Then every request's tokens, across solo, group
+of the exchange (``KVMove.finish``) is held back until the leader has looked a few times, so
+the test shows, not hopes, the order the leader serves in: at the drop, one micro-batch of the
+leader's own requests goes out (their first stage's KV never moved) and waits on rank 1 for
+its slices; then, while the KV moves, nothing else runs, neither rank 1's requests nor the ones
+queued at the drop (the moved ones go first, and the exchange keeps the cores); once the KV is
+in place, every moved request has its first token before or with the queued ones' first. Then every request's tokens, across solo, group
 and solo again, must be exactly transformers' greedy tokens; a request aborted while held
 never runs again and no block stays held. A second test kills rank 1 in its exchange: the
 leader falls back to solo and finishes every request, rank 1's included, with no token lost
@@ -30,7 +31,7 @@ HOST = "127.0.0.1"
 MAX_TOKENS = 16
 SOLO_STEPS = 4
 HANDSHAKE_S = 0.3  # rank 1 writes its slices this long after the leader stepped
-HELD_STEPS = 5  # the leader's steps while the KV moves
+HELD_STEPS = 5  # the leader's looks while the KV moves
 PHASES = ("solo", "group", "solo again")
 LLAMA = dict(arch="llama", layers=4, hidden_size=64, heads=4, kv_heads=2,
              intermediate_size=128, vocab_size=512, seed=5)
@@ -92,17 +93,21 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
         exchange = membership.exchange
         held = sorted(exchange.held)
         report["held"] = held
+        # the leader's own requests went out at once: their stage 0 ran here during the drop
+        report["in_flight_at_drop"] = [sorted(c.request_id for c in out.chunks)
+                                       for out in engine._in_flight]
         cancelled = held[0]  # aborted while its KV moves
         assert exchange.cancel(cancelled)
         engine.abort_request(cancelled)
         report["cancelled"] = cancelled
         try:
-            for _ in range(HELD_STEPS):
-                report.setdefault("emitted_while_held", set()).update(
-                    take(engine.step(), "group"))
-                report.setdefault("stalled", []).append(engine.stalled)
+            for _ in range(HELD_STEPS):  # what a worker's engine thread checks before a step
+                report.setdefault("waits_for_kv", []).append(
+                    reconfigure.waits_for_kv(engine, membership))
+                report.setdefault("budget_while_held", []).append(
+                    engine.scheduler.token_budget)
+                time.sleep(0.01)
             report["exchange_done_while_held"] = exchange.done()
-            report["budget_while_held"] = engine.scheduler.token_budget
             store.set("leader-stepped", "1")
             start = time.monotonic()
             adopted = reconfigure.complete_drop(engine, membership)
@@ -176,20 +181,24 @@ def run_pair(model: str, mode: str):
 
 def test_the_moved_requests_go_first_and_nothing_runs_while_their_kv_moves(model):
     merged, prompt_of, leader = run_pair(model, "hold")
-    assert leader["held"] == ["a0", "a1", "b0", "b1", "b2"]  # every one that had KV
-    assert leader["exchange_done_while_held"] is False  # the leader stepped during it
-    assert leader["emitted_while_held"] == set()  # not even the queued requests
-    assert leader["stalled"] == [True] * HELD_STEPS
+    # rank 1's requests wait for their KV; the leader's own (their stage 0's KV stayed in
+    # place) went out as one micro-batch during the drop, and nothing else
+    assert leader["held"] == ["b0", "b1", "b2"]
+    assert leader["in_flight_at_drop"] == [["a0", "a1"]]
+    assert leader["exchange_done_while_held"] is False  # it waited during the exchange
+    assert leader["waits_for_kv"] == [True] * HELD_STEPS  # no step: it would wait for rank 1
+    assert leader["budget_while_held"] == [0] * HELD_STEPS  # not even the queued requests
     cancelled = leader["cancelled"]
     assert leader["adopted"] == [r for r in leader["held"] if r != cancelled]
     # nothing while held; then about one decode micro-batch (at least 32 tokens) until an
     # output of each moved request has come back; then the full budget again
     full = leader["max_num_batched_tokens"]
-    assert leader["budget_while_held"] == 0
     assert 32 <= leader["budget_after_adopting"] < full and leader["budget_after"] == full
     first = leader["first_token_step"]  # each request's first token, by step after that
-    assert set(first) == {*leader["adopted"], "q0", "q1"}
-    assert max(first[r] for r in leader["adopted"]) <= min(first["q0"], first["q1"])
+    moved = [*leader["in_flight_at_drop"][0], *leader["adopted"]]
+    assert set(first) == {*moved, "q0", "q1"}
+    assert max(first[r] for r in moved) <= min(first["q0"], first["q1"])
+    assert first["a0"] == first["a1"] == 0  # the micro-batch that went out during the drop
     assert leader["completed_after_s"] >= HANDSHAKE_S  # it waited for rank 1's slices
     assert leader["held_tables_left"] == []
     assert leader["blocks_used"] == leader["tables_used"]  # nothing held, nothing leaked

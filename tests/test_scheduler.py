@@ -338,6 +338,30 @@ def test_a_token_cap_ends_once_an_output_of_each_request_it_waits_for_came_back(
     assert chunk_of(d, "queued").num_tokens == 300
 
 
+def test_a_cap_of_one_output_sends_every_running_request_once_then_nothing():
+    """What a drop's leader does with its own moved requests while the others' KV moves:
+    one micro-batch of all of them (no even split over the outputs in flight, no queued
+    request), then nothing until the next cap; the cap still waits for them to come back."""
+    sched = make_pipelined(2, max_num_batched_tokens=512, num_blocks=128)
+    add_all(sched, make_requests(4, prompt_len=4, max_tokens=8))
+    first, second = sched.schedule(), sched.schedule()  # prefill the 4 'moved' requests
+    sched.update_from_output(first, sample_all(first))
+    sched.update_from_output(second, sample_all(second))
+    add_all(sched, [make_request("queued", prompt_len=300, base=9000)])
+    sched.cap_tokens(10, ["r0", "r1", "r2", "r3"], outputs=1)
+    a = sched.schedule()
+    assert scheduled_ids(a) == ["r0", "r1", "r2", "r3"]  # all of them, the prefill waits
+    assert sched.schedule().is_empty and sched.token_budget == 0  # that one output only
+    assert sched.capped_until == {"r0", "r1", "r2", "r3"}
+    sched.cap_tokens(10, sched.capped_until)  # the others' KV is in: outputs go out again
+    b = sched.schedule()  # all 4 still in flight: the prefill's first 10 tokens
+    assert scheduled_ids(b) == ["queued"] and chunk_of(b, "queued").num_tokens == 10
+    sched.update_from_output(a, sample_all(a))
+    assert sched.token_budget == 512 and sched.capped_until == frozenset()
+    with pytest.raises(ValueError, match="needs a token cap"):
+        sched.cap_tokens(None, outputs=1)
+
+
 def test_a_token_cap_ends_when_the_requests_it_waits_for_are_gone():
     sched = make_scheduler(budget=64)
     add_all(sched, make_requests(2, prompt_len=8))

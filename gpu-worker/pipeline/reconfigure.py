@@ -12,9 +12,13 @@ members exchange the KV slices of the layers they no longer hold (``group_layout
 group (``LeaderRunner``); the others serve their stage (``StageRunner``), the last one with
 the seeded generators of every request. With the epoch's second link, the exchange runs
 beside the group: every member posts its sends and receives, the slices land on a helper
-thread (``KVExchange``), and the leader holds the requests whose KV moves (their blocks under
-a placeholder) until every member reports its slices written (``KVInPlace``, then
-``complete_drop``). Held requests go first: while their KV moves the leader serves nothing
+thread (``KVExchange``), and the leader holds the requests whose KV moves to it (their blocks
+under a placeholder) until every member reports its slices written (``KVInPlace``, then
+``complete_drop``). Its own requests are not held: the KV of its layers never moved, so one
+micro-batch of all of them goes out during the drop, its first stage computed while the KV
+moves, and every later stage waits for its slices before running a micro-batch that uses
+blocks they land in (``KVExchange.wait_landed``); meanwhile the leader steps no further
+(``waits_for_kv``). Moved requests go first: while their KV moves the leader serves nothing
 else (a queued prefill would take the cores from the exchange and hold their first
 micro-batch back; with none held, the queued requests are served at once). Then, until an
 output of each has come back, they split evenly over the micro-batches (no lookahead
@@ -55,6 +59,7 @@ from kunserve.worker.checkpoint import TORCH_DTYPES, build_stage, load_stage
 from kunserve.worker.cost_model import CostModel
 from kunserve.worker.engine import LLMEngine
 from kunserve.worker.group_layout import (
+    KVPiece,
     assign_requests,
     drop_layout,
     restore_pieces,
@@ -84,6 +89,7 @@ from kunserve.worker.pipeline.stage_messages import (
 from kunserve.worker.pipeline.stage_runner import StageRunner
 from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.request_sampler import RequestSampler
+from kunserve.worker.scheduler_output import ScheduledChunk
 from kunserve.worker.stage_executor import StageExecutor
 
 logger = logging.getLogger(__name__)
@@ -127,14 +133,17 @@ class KVExchange:
 
     def __init__(self, move: KVMove, link: StageLink, held: list[RequestState],
                  phases: dict[str, float], on_done: Callable[[KVExchange], None] | None,
-                 started_at: float) -> None:
+                 started_at: float, incoming: frozenset[int] = frozenset()) -> None:
+        """``incoming``: the blocks (group numbering) this member receives slices into."""
         self.held = {s.request_id: s for s in held}
+        self.incoming = incoming
         self.cancelled: set[str] = set()  # aborted while held: dropped, not adopted
         self.adopted = False
         self.stats: MoveStats | None = None
         self.error: str | None = None
         self._move, self._link, self._phases, self._on_done = move, link, phases, on_done
         self._started_at = started_at  # the drop's (its ``total`` phase ends here)
+        self._landed = threading.Event()  # this member's slices are written (or failed)
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kv-exchange", daemon=True)
         self._thread.start()
@@ -144,6 +153,7 @@ class KVExchange:
         try:
             self.stats = self._move.finish()
             self._move = None
+            self._landed.set()
             self._phases["exchange"] = self.stats.seconds
             if link.is_leader:
                 for rank in range(1, link.size):
@@ -164,9 +174,23 @@ class KVExchange:
                 except StageLinkError:
                     pass
         finally:
+            self._landed.set()
             self._done.set()
             if self._on_done is not None:
                 self._on_done(self)
+
+    def wait_landed(self, chunks: list[ScheduledChunk]) -> bool:
+        """A member's stage, before it runs a micro-batch of ``chunks`` (the leader sends the
+        first while the KV is still moving): when they use blocks this member receives
+        slices into, wait until every slice is written (raises ``StageLinkError`` when that
+        never happens). True once they all are: no need to ask again."""
+        if not self._landed.is_set() and self.incoming.isdisjoint(
+                b for c in chunks for b in c.block_table):
+            return False
+        self._landed.wait()
+        if self.stats is None:
+            raise StageLinkError(f"the drop's KV exchange failed: {self.error}")
+        return True
 
     def done(self) -> bool:
         return self._done.is_set()
@@ -249,18 +273,20 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     membership = Membership(link, group_id, layers, solo_memory, phases=phases,
                             layer_link=layer_link)
     # the leader owns every request from here on: if the group breaks, it recomputes them;
-    # with an overlapped exchange, those whose KV moves wait for it (held)
+    # with an overlapped exchange, those whose KV moves wait for it (held), but for those
+    # whose first stage's KV is already in place on the leader (ready: its own requests)
     overlap = overlap and layer_link is not None
     held = [msgspec.structs.replace(s, block_table=list(layout.tables[s.request_id]))
             for s in requests if overlap and layout.tables[s.request_id]]
+    ready = _ready_at_leader(layout.pieces, held) if link.is_leader else []
     if link.is_leader:
         engine.install(LeaderRunner(executor, link, depth=size), memory)
-        _hold(engine, held)
-        if held:  # they go first: nothing else runs (or takes the cores) while their KV moves
-            engine.scheduler.cap_tokens(0)
+        held = [s for s in held if s not in ready]
         moving = {s.request_id for s in held}
         engine.adopt_requests([s for s in requests if s.request_id not in moving],
                               layout.tables)
+        _hold(engine, held)  # after: its headroom blocks must not be any adopted one's
+        _cap_while_held(engine, ready, held)
     else:
         engine.install(None, memory)
     phases["free"] = time.perf_counter() - start - phases["handover"]
@@ -269,8 +295,12 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
                           layout.num_blocks, layers.start, staging)
         del staging  # the move keeps what it still uses
         if overlap:
+            incoming = frozenset(b for p in layout.pieces if p.dst == rank != p.src
+                                 for b in p.dst_blocks)
             membership.exchange = KVExchange(move, layer_link, held, phases, on_exchanged,
-                                             start)
+                                             start, incoming)
+            if ready:  # their first micro-batch: stage 0 runs here while the KV moves
+                engine.fill()
         else:
             membership.moved = move.finish()
             phases["exchange"] = membership.moved.seconds
@@ -282,10 +312,45 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         if link.is_last:
             sampler = RequestSampler(cache.storage.device)
             sampler.import_generators(welcome.generators, welcome.generator_params)
-        membership.stage_runner = StageRunner(link, executor, model, sampler)
+        membership.stage_runner = StageRunner(
+            link, executor, model, sampler,
+            landed=membership.exchange.wait_landed if membership.exchange else None)
     if not overlap:
         phases["total"] = time.perf_counter() - start
     return membership
+
+
+def _ready_at_leader(pieces: list[KVPiece], moving: list[RequestState]) -> list[RequestState]:
+    """Of the requests whose KV moves, those none of whose blocks receives a slice on the
+    leader (rank 0): their first stage's KV is in place once ``start_move`` returns (the
+    leader's own requests: their slices of its layers stay where they were)."""
+    incoming = {b for p in pieces if p.dst == 0 and p.src != 0 for b in p.dst_blocks}
+    return [s for s in moving if incoming.isdisjoint(s.block_table)]
+
+
+def _cap_while_held(engine: LLMEngine, ready: list[RequestState],
+                    held: list[RequestState]) -> None:
+    """Leader, at a drop: while ``held`` wait for their KV nothing else runs (a queued
+    prefill would take the cores from the exchange), but one micro-batch of every ``ready``
+    request, whose first stage runs on the leader while the KV moves and whose later stages
+    wait on each member for its slices (``KVExchange.wait_landed``). With none held, the ready
+    ones start as moved requests do (``complete_drop``)."""
+    scheduler = engine.scheduler
+    ids = [s.request_id for s in ready]
+    if held and ready:
+        scheduler.cap_tokens(_decode_cap(engine, ready), ids, outputs=1)
+    elif held:
+        scheduler.cap_tokens(0)
+    elif ready:
+        scheduler.cap_tokens(_resume_cap(engine, ready), ids)
+
+
+def waits_for_kv(engine: LLMEngine, membership: Membership | None) -> bool:
+    """Leader: no step now. A micro-batch of the requests that were ready at the drop is in
+    flight while the KV of the others still moves: taking it back would wait for the
+    members' slices, and the others could not go out meanwhile (``complete_drop`` first)."""
+    exchange = membership.exchange if membership is not None else None
+    return exchange is not None and bool(exchange.unadopted()) and engine.num_in_flight > 0
 
 
 def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
@@ -310,13 +375,18 @@ def _resume_cap(engine: LLMEngine, held: list[RequestState]) -> int:
     and with less room some would not go out in their share's micro-batch and the first
     round would take more micro-batches. By the cost model, or by the model's FLOPs when it
     has none."""
+    return _decode_cap(engine, held[:-(-len(held) // engine.scheduler.config.num_micro_batches)])
+
+
+def _decode_cap(engine: LLMEngine, states: list[RequestState]) -> int:
+    """A micro-batch's token cap that costs about as much as one decode of each of
+    ``states`` (at least ``lookahead_min_tokens``, and room for those decodes)."""
     model = engine.cost_model or CostModel.estimate(engine.model_config)
-    share = held[:-(-len(held) // engine.scheduler.config.num_micro_batches)]
     decodes = lookahead.cost([lookahead.Work(s.request_id, len(s.prompt_token_ids)  # prefix
-                                             + len(s.output_token_ids) - 1, 1) for s in share],
+                                             + len(s.output_token_ids) - 1, 1) for s in states],
                              model)
     fits = lookahead.tokens_within(model, decodes, engine.config.max_num_batched_tokens)
-    return max(fits, len(share), engine.config.lookahead_min_tokens)
+    return max(fits, len(states), engine.config.lookahead_min_tokens)
 
 
 def cancel_held(engine: LLMEngine, exchange: KVExchange, request_id: str) -> bool:
@@ -344,10 +414,14 @@ def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
     for rid in exchange.held:
         blocks.free(_HOLD + rid)
     states = exchange.unadopted()
-    cap = _resume_cap(engine, states) if states else None
     engine.adopt_requests(states, {s.request_id: s.block_table for s in states}, first=True)
     exchange.adopted = True
-    engine.scheduler.cap_tokens(cap, [s.request_id for s in states])
+    if states:  # and the ready ones not back yet, if any went out while the KV moved
+        scheduler = engine.scheduler
+        scheduler.cap_tokens(_resume_cap(engine, states),
+                             [s.request_id for s in states] + sorted(scheduler.capped_until))
+    elif engine.scheduler.token_budget == 0:  # held ones were all aborted
+        engine.scheduler.cap_tokens(None)
     if exchange.cancelled:  # the last rank forgets their generators with the next batch
         engine.runner.release(sorted(exchange.cancelled))
     return [s.request_id for s in states]

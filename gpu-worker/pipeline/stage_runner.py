@@ -13,6 +13,8 @@ worker's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import msgspec
 import torch
 
@@ -29,15 +31,19 @@ from kunserve.worker.pipeline.stage_messages import (
     StopPipeline,
 )
 from kunserve.worker.request_sampler import RequestSampler
+from kunserve.worker.scheduler_output import ScheduledChunk
 from kunserve.worker.stage_executor import StageExecutor
 from kunserve.worker.step_inputs import StepInputs, prepare_inputs
 
 
 class StageRunner:
     def __init__(self, link: StageLink, executor: StageExecutor, model_config: ModelConfig,
-                 sampler: RequestSampler | None = None) -> None:
+                 sampler: RequestSampler | None = None,
+                 landed: Callable[[list[ScheduledChunk]], bool] | None = None) -> None:
         """``executor``: this rank's layers and KV cache; ``sampler`` (last rank): the seeded
-        generators (a new one when None)."""
+        generators (a new one when None); ``landed``: called with a micro-batch's chunks
+        before its layers run, until it returns True, while a drop's KV still moves here
+        (``KVExchange.wait_landed``: waits when they need it)."""
         if link.is_leader:
             raise ValueError("rank 0 is the leader: it runs PipelineEngine, not StageRunner")
         self.link = link
@@ -47,6 +53,7 @@ class StageRunner:
         self.sampler = None
         if link.is_last:
             self.sampler = sampler or RequestSampler(self.executor.kv_cache.storage.device)
+        self._landed = landed
         self.num_batches = 0
         self.busy_report: list[float] = []  # every rank's busy seconds, once stopped
 
@@ -86,6 +93,8 @@ class StageRunner:
         inputs = prepare_inputs(batch.chunks, self.executor.block_size)
         hidden = received.tensor((inputs.num_tokens, self.model_config.hidden_size),
                                  self.dtype)  # (N, H)
+        if self._landed is not None and self._landed(batch.chunks):
+            self._landed = None
         hidden = self.executor.forward(hidden, inputs)  # (N, H)
         if self.sampler is None:
             self.link.send_frame(received.data, self.link.rank + 1, hidden)

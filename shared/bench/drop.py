@@ -532,10 +532,11 @@ class _Member:
 
         exchange, steps = membership.exchange, 0
         while exchange is not None and not exchange.done():
-            if engine.has_unfinished():
+            waits = reconfigure.waits_for_kv(engine, membership)
+            if engine.has_unfinished() and not waits:
                 self.take("group", engine.step())
                 steps += not engine.stalled
-            if engine.stalled or not engine.has_unfinished():
+            if waits or engine.stalled or not engine.has_unfinished():
                 exchange.wait(0.0005)
         self.report["steps_during_exchange"] = steps
         reconfigure.complete_drop(engine, membership)
