@@ -150,7 +150,9 @@ class LLMEngine:
         """Serve with ``runner`` and a fresh block manager of ``num_blocks`` (default:
         ``memory.num_blocks``); the engine must hold no requests. No runner: the engine does
         not serve (a pipeline member that is not the leader) but reports its memory."""
-        if getattr(self, "scheduler", None) is not None and self.has_unfinished():
+        # (requests rejected at add_request are no requests: their errors come with a step)
+        if getattr(self, "scheduler", None) is not None and (self.scheduler.has_unfinished()
+                                                              or self._in_flight):
             raise RuntimeError("export or finish the requests before changing the runner")
         preemptions = self.scheduler.num_preemptions if hasattr(self, "scheduler") else 0
         self.runner, self.memory = runner, memory
@@ -293,6 +295,12 @@ class LLMEngine:
         while self._in_flight:
             outputs += self._collect()
         return outputs
+
+    def take_rejected(self) -> list[RequestOutput]:
+        """The errors of requests ``add_request`` rejected since the last step (which would
+        return them), for a caller that cannot step now."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     @property
     def num_in_flight(self) -> int:

@@ -227,7 +227,9 @@ class EngineThread:
             while await self._take_commands(engine):
                 if self._hold_steps:  # a restore is between its drain and its split
                     await asyncio.sleep(0.001)
-                elif self._can_step(engine):
+                elif reconfigure.waits_for_kv(engine, self._membership):
+                    await self._emit_rejected(engine)  # until ExchangeDone
+                elif engine.has_unfinished():
                     await self._step(engine)
                 await self._report_load(engine)
                 self._turned_at = time.monotonic()
@@ -266,6 +268,12 @@ class EngineThread:
         (``reconfigure.waits_for_kv``: it ends with an ``ExchangeDone`` command)."""
         return engine.has_unfinished() and not reconfigure.waits_for_kv(engine,
                                                                          self._membership)
+
+    async def _emit_rejected(self, engine: LLMEngine) -> None:
+        """While no step can run: the errors of requests the engine refused meanwhile."""
+        outputs = engine.take_rejected()
+        if outputs:
+            await self._outlet.emit(outputs)
 
     def _idle_wait(self) -> float:
         since = time.monotonic() - self._last_report

@@ -121,6 +121,11 @@ class Scheduler:
         return frozenset(self._cap_until or ())
 
     @property
+    def capped_outputs(self) -> int | None:
+        """How many outputs may still go out under the cap (None: no such limit)."""
+        return self._cap_outputs
+
+    @property
     def token_budget(self) -> int:
         """Tokens one output may carry now."""
         limit = self.config.max_num_batched_tokens
@@ -254,7 +259,8 @@ class Scheduler:
         an even share with ``num_micro_batches`` in flight: of every request here, or while
         a cap waits for requests (a drop's moved requests, see ``cap_tokens``) of the
         running ones, so that those split evenly over the first outputs and the first of
-        them comes back as soon as it can (the queue waits for them anyway)."""
+        them comes back as soon as it can (the queue waits for them anyway); while a cap
+        limits the number of outputs, every running request."""
         live = len(self.running) if self._cap_until else len(self.requests)
         live = min(live, self.config.max_num_seqs)
         if self._cap_outputs is not None:

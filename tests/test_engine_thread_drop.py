@@ -171,6 +171,10 @@ def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_ex
                              for e in outlets[0].events), "the abort of a held request")
         time.sleep(0.3)  # ample for q0's prefill (a few ms), had it been run
         assert not outlets[0].tokens("q0")  # the held requests go first: nothing runs
+        threads[0].add(AddCommand("bad", [10**6], params, 0))  # not a token id: refused
+        wait_for(lambda: outlets[0].finished("bad"), "the refused request's error, at once")
+        bad = [o for o in outlets[0].outputs() if o.request_id == "bad"]
+        assert bad[-1].finish_reason == "error" and "token" in bad[-1].error
         assert not joins[0].done.done()  # the leader's join waits for the KV
         assert {rid: len(outlets[0].tokens(rid)) for rid in moved} == moved  # held: no tokens
 

@@ -1,7 +1,8 @@
 """Drop, restore and fall back: one instance's engine changing shape between two steps.
 
-Every function here runs on the engine's thread, with nothing in flight, and is collective
-over the epoch's ``StageLink``: all members of the group call the same function.
+Every function here runs on the engine's thread and is collective over the epoch's
+``StageLink``: all members of the group call the same function. Each starts with nothing in
+flight; a drop may end with one micro-batch in flight (the leader's own requests, below).
 
 ``drop``: the solo instances become one pipeline group. Each member exports its requests
 (progress, block tables, detokenizer positions; ``handover.py``), keeps only its stage's layers
@@ -128,8 +129,8 @@ class KVExchange:
     """The second half of a drop's KV exchange (``KVMove.finish``) on a helper thread beside
     the group, then the report to the leader: every member sends ``KVInPlace`` on the
     layer link, the leader's thread waits for all of them. ``on_done`` (any thread) is called
-    once it is over, either way. On the leader, ``held`` are the requests whose KV is moving:
-    ``complete_drop`` adopts them once it is over."""
+    once it is over, either way. On the leader, ``held`` are the requests whose KV is moving
+    to it (they wait): ``complete_drop`` adopts them once it is over."""
 
     def __init__(self, move: KVMove, link: StageLink, held: list[RequestState],
                  phases: dict[str, float], on_done: Callable[[KVExchange], None] | None,
@@ -226,9 +227,10 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
          overlap: bool = True) -> Membership:
     """Turn this solo engine into member ``link.rank`` of the group (collective).
     ``layer_link``: the same members' second link; with it (and ``overlap``) the KV exchange
-    ends on a helper thread after this returns (``membership.exchange``; the leader runs
-    nothing until it is done, which ``on_exchanged`` signals, then calls ``complete_drop``),
-    and ``pull_layers`` overlaps serving. Otherwise the exchange is over when this returns."""
+    ends on a helper thread after this returns (``membership.exchange``; the leader sends
+    one micro-batch of its own requests and nothing more until it is done, which
+    ``on_exchanged`` signals, then calls ``complete_drop``), and ``pull_layers`` overlaps
+    serving. Otherwise the exchange is over when this returns."""
     start, entered_at = time.perf_counter(), time.time()
     engine_outputs = engine.drain()
     if engine_outputs:  # a solo engine runs one step at a time: nothing is ever left here
@@ -299,14 +301,14 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
                                  for b in p.dst_blocks)
             membership.exchange = KVExchange(move, layer_link, held, phases, on_exchanged,
                                              start, incoming)
-            if ready:  # their first micro-batch: stage 0 runs here while the KV moves
-                engine.fill()
         else:
             membership.moved = move.finish()
             phases["exchange"] = membership.moved.seconds
     except StageLinkError as exc:
         fall_back(engine, membership, held)
         raise GroupFailed(f"the group broke during the KV exchange: {exc}") from None
+    if ready and membership.exchange is not None:
+        _start_ready(engine, membership)
     if not link.is_leader:
         sampler = None
         if link.is_last:
@@ -336,7 +338,7 @@ def _cap_while_held(engine: LLMEngine, ready: list[RequestState],
     wait on each member for its slices (``KVExchange.wait_landed``). With none held, the ready
     ones start as moved requests do (``complete_drop``)."""
     scheduler = engine.scheduler
-    ids = [s.request_id for s in ready]
+    ids = [s.request_id for s in ready]  # (one still in its prefill gets the cap's tokens)
     if held and ready:
         scheduler.cap_tokens(_decode_cap(engine, ready), ids, outputs=1)
     elif held:
@@ -345,12 +347,26 @@ def _cap_while_held(engine: LLMEngine, ready: list[RequestState],
         scheduler.cap_tokens(_resume_cap(engine, ready), ids)
 
 
+def _start_ready(engine: LLMEngine, membership: Membership) -> None:
+    """Leader, at a drop: send the micro-batch of its own requests; their first stage runs
+    here while the KV moves. When none can go (no block for a token), nothing goes out until
+    ``complete_drop``: a later step would send it and then wait for the members' slices."""
+    try:
+        sent = engine.fill()
+    except StageLinkError as exc:  # the exchange holds the requests still waiting for KV
+        fall_back(engine, membership)
+        raise GroupFailed(f"the group broke at its first micro-batch: {exc}") from None
+    if not sent:
+        engine.scheduler.cap_tokens(0)
+
+
 def waits_for_kv(engine: LLMEngine, membership: Membership | None) -> bool:
-    """Leader: no step now. A micro-batch of the requests that were ready at the drop is in
-    flight while the KV of the others still moves: taking it back would wait for the
-    members' slices, and the others could not go out meanwhile (``complete_drop`` first)."""
+    """Leader: no step now. The micro-batch of its own requests that went out at the drop is
+    in flight while the drop's KV still moves: taking it back would wait for the members'
+    slices (the engine thread would block), and the requests whose KV comes to the leader
+    could not go out meanwhile. ``complete_drop`` ends it."""
     exchange = membership.exchange if membership is not None else None
-    return exchange is not None and bool(exchange.unadopted()) and engine.num_in_flight > 0
+    return exchange is not None and not exchange.adopted and engine.num_in_flight > 0
 
 
 def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
@@ -391,7 +407,9 @@ def _decode_cap(engine: LLMEngine, states: list[RequestState]) -> int:
 
 def cancel_held(engine: LLMEngine, exchange: KVExchange, request_id: str) -> bool:
     """Leader: an abort of a request held for its KV (True if it was held and not adopted
-    yet). Once none is left held, the rest of the group's work no longer waits."""
+    yet). Once none is left held, the rest of the group's work no longer waits (the leader
+    still takes nothing back while the micro-batch of its own requests that went out at the
+    drop waits for the members' slices: ``waits_for_kv``)."""
     cancelled = exchange.cancel(request_id)
     if cancelled and not exchange.unadopted():
         engine.scheduler.cap_tokens(None)
@@ -416,12 +434,12 @@ def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
     states = exchange.unadopted()
     engine.adopt_requests(states, {s.request_id: s.block_table for s in states}, first=True)
     exchange.adopted = True
+    scheduler = engine.scheduler
     if states:  # and the ready ones not back yet, if any went out while the KV moved
-        scheduler = engine.scheduler
         scheduler.cap_tokens(_resume_cap(engine, states),
                              [s.request_id for s in states] + sorted(scheduler.capped_until))
-    elif engine.scheduler.token_budget == 0:  # held ones were all aborted
-        engine.scheduler.cap_tokens(None)
+    elif scheduler.token_budget == 0 or scheduler.capped_outputs is not None:
+        scheduler.cap_tokens(None)  # the held ones were all aborted: nothing to wait for
     if exchange.cancelled:  # the last rank forgets their generators with the next batch
         engine.runner.release(sorted(exchange.cancelled))
     return [s.request_id for s in states]
