@@ -21,9 +21,9 @@ moves, and every later stage waits for its slices before running a micro-batch t
 blocks they land in (``KVExchange.wait_landed``); meanwhile the leader steps no further
 (``waits_for_kv``). Moved requests go first: while their KV moves the leader serves nothing
 else (a queued prefill would take the cores from the exchange and hold their first
-micro-batch back; with none held, the queued requests are served at once). Then, until an
-output of each has come back, they split evenly over the micro-batches (no lookahead
-meanwhile) and every micro-batch is capped at about the cost of one of theirs
+micro-batch back; with none held and nothing in flight, the queued requests are served at
+once). Then, until an output of each has come back, they split evenly over the micro-batches
+(no lookahead meanwhile) and every micro-batch is capped at about the cost of one of theirs
 (``_resume_cap``), so that none of their first tokens waits while the leader's stage computes
 a queued prefill. The requests of the members that entered the drop first go first: they
 have waited longest for a token.
