@@ -63,6 +63,8 @@ def test_queued_requests_are_served_and_timed_from_the_drop(drop_run):
     queued = r["queued"]
     assert queued["count"] == 2 * 2
     assert 0 < queued["first_token_p50_s"] <= queued["first_token_max_s"]
+    # overlapped: one micro-batch of the leader's own moved requests went out at the drop
+    assert queued["sent_at_drop"] == (0 if r["exchange_mode"] == "before serving" else 1)
     if r["exchange_mode"] == "before serving":
         assert queued["steps_during_exchange"] == 0
         # nothing is served before the exchange is over

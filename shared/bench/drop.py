@@ -354,11 +354,13 @@ def _gaps(spec: DropBenchSpec, members: list[dict], times: dict, exchange_s: flo
 
 def _queued(members: list[dict], times: dict) -> dict:
     """The requests queued at the drop: their first token, from the moment the last member
-    entered the drop, and how many steps the leader served while the KV moved."""
+    entered the drop, how many micro-batches the leader sent at the drop (its own moved
+    requests) and how many steps it served while the KV moved."""
     start = max(m["drop_at"] for m in members)
     firsts = [min(times[rid]["group"]) - start for m in members for rid in m["queued"]]
     figures = {"count": len(firsts),
-               "steps_during_exchange": members[0].get("steps_during_exchange", 0)}
+               "steps_during_exchange": members[0].get("steps_during_exchange", 0),
+               "sent_at_drop": members[0].get("sent_at_drop", 0)}
     if firsts:
         figures.update(first_token_p50_s=statistics.median(firsts),
                        first_token_max_s=max(firsts))
@@ -490,6 +492,8 @@ class _Member:
         report["drop_at"] = time.time()
         membership = reconfigure.drop(engine, link, "bench-group", layer_link,
                                       overlap=spec.overlap)
+        # the leader's own moved requests went out at once (their first stage's KV stayed)
+        report["sent_at_drop"] = engine.num_in_flight if link.is_leader else 0
         report["group_memory"] = engine.memory_report()
         with ThreadPoolExecutor(1) as helper:  # pulls the layers back while the group serves
             if link.is_leader:
@@ -671,8 +675,9 @@ def _print_table(r: dict) -> None:
     if q["count"]:
         print(f"requests queued at the drop: first token {1e3 * q['first_token_p50_s']:.1f} ms "
               f"(median), {1e3 * q['first_token_max_s']:.1f} ms (last) after the last member "
-              f"entered the drop; the leader served {q['steps_during_exchange']} steps while "
-              "the KV moved (none while running requests wait for theirs)")
+              f"entered the drop; the leader sent {q['sent_at_drop']} micro-batch(es) of its "
+              f"own moved requests at the drop and served {q['steps_during_exchange']} steps "
+              "while the KV moved (none while moved requests wait for theirs)")
     pull = r["pull"]
     print(f"longest inter-token gap across the restore: {1e3 * gap['worst_restore_gap_s']:.1f}"
           f" ms  (the layer pull overlapped {pull['steps']} pipelined steps in "
