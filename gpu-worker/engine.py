@@ -282,7 +282,7 @@ class LLMEngine:
     # -- the loop ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Fill the runner with up to ``depth`` scheduled steps, then take back the oldest."""
-        outputs, self._rejected = self._rejected, []
+        outputs = self.take_rejected()
         idle = not self._in_flight
         submitted = self.fill()
         outputs += self._collect()

@@ -60,7 +60,6 @@ from kunserve.worker.checkpoint import TORCH_DTYPES, build_stage, load_stage
 from kunserve.worker.cost_model import CostModel
 from kunserve.worker.engine import LLMEngine
 from kunserve.worker.group_layout import (
-    KVPiece,
     assign_requests,
     drop_layout,
     restore_pieces,
@@ -280,7 +279,11 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     overlap = overlap and layer_link is not None
     held = [msgspec.structs.replace(s, block_table=list(layout.tables[s.request_id]))
             for s in requests if overlap and layout.tables[s.request_id]]
-    ready = _ready_at_leader(layout.pieces, held) if link.is_leader else []
+    # the blocks this member receives slices into; on the leader, the requests with none
+    # there are ready: their first stage's KV is in place once ``start_move`` returns
+    incoming = frozenset(b for p in layout.pieces if p.dst == rank != p.src
+                         for b in p.dst_blocks)
+    ready = [s for s in held if incoming.isdisjoint(s.block_table)] if link.is_leader else []
     if link.is_leader:
         engine.install(LeaderRunner(executor, link, depth=size), memory)
         held = [s for s in held if s not in ready]
@@ -297,8 +300,6 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
                           layout.num_blocks, layers.start, staging)
         del staging  # the move keeps what it still uses
         if overlap:
-            incoming = frozenset(b for p in layout.pieces if p.dst == rank != p.src
-                                 for b in p.dst_blocks)
             membership.exchange = KVExchange(move, layer_link, held, phases, on_exchanged,
                                              start, incoming)
         else:
@@ -320,14 +321,6 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     if not overlap:
         phases["total"] = time.perf_counter() - start
     return membership
-
-
-def _ready_at_leader(pieces: list[KVPiece], moving: list[RequestState]) -> list[RequestState]:
-    """Of the requests whose KV moves, those none of whose blocks receives a slice on the
-    leader (rank 0): their first stage's KV is in place once ``start_move`` returns (the
-    leader's own requests: their slices of its layers stay where they were)."""
-    incoming = {b for p in pieces if p.dst == 0 and p.src != 0 for b in p.dst_blocks}
-    return [s for s in moving if incoming.isdisjoint(s.block_table)]
 
 
 def _cap_while_held(engine: LLMEngine, ready: list[RequestState],
