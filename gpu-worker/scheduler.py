@@ -121,11 +121,6 @@ class Scheduler:
         return frozenset(self._cap_until or ())
 
     @property
-    def capped_outputs(self) -> int | None:
-        """How many outputs may still go out under the cap (None: no such limit)."""
-        return self._cap_outputs
-
-    @property
     def token_budget(self) -> int:
         """Tokens one output may carry now."""
         limit = self.config.max_num_batched_tokens

@@ -431,7 +431,7 @@ def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
     if states:  # and the ready ones not back yet, if any went out while the KV moved
         scheduler.cap_tokens(_resume_cap(engine, states),
                              [s.request_id for s in states] + sorted(scheduler.capped_until))
-    elif scheduler.token_budget == 0 or scheduler.capped_outputs is not None:
+    elif scheduler.token_budget == 0:  # (a one-output cap is spent by now, or was dropped)
         scheduler.cap_tokens(None)  # the held ones were all aborted: nothing to wait for
     if exchange.cancelled:  # the last rank forgets their generators with the next batch
         engine.runner.release(sorted(exchange.cancelled))
