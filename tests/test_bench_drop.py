@@ -142,6 +142,9 @@ def test_gap_and_decode_figures_are_consistent(drop_run):
     assert gap["worst"]["gap_s"] > 0 and gap["worst_restore_gap_s"] > 0
     assert gap["exchange_s"] == r["all_in_s"]
     assert gap["worst"]["bound_s"] > gap["exchange_s"]
+    # every member reports how long it idled before the drop for want of tokens (the
+    # output length keeps a solo window's worth for the wait at the commit)
+    assert set(gap["stalled_s"]) == {"0", "1"} and min(gap["stalled_s"].values()) >= 0
     decode = r["decode"]
     for phase in ("solo", "pipelined"):
         row = decode[phase]

@@ -89,7 +89,9 @@ def member_main(port: int, rank: int, size: int, config: EngineConfig,
             return
         report["group"] = engine.memory_report()
         report["kept_layers"] = (membership.layers.start, membership.layers.end)
-        if link.is_leader:
+        if link.is_leader:  # the moved requests go first: a cap until an output of each
+            report["capped_until"] = sorted(engine.scheduler.capped_until)
+            report["budget_at_drop"] = engine.scheduler.token_budget
             for _ in range(steps[1]):
                 take("group", engine.step())
             take("group", engine.drain())
@@ -158,6 +160,11 @@ def test_drop_and_restore_keep_greedy_tokens_and_accounting(models, model, size,
     merged, prompt_of, reports, config = run_group(models[model], size, prompts, **overrides)
     for rid, prompt in prompt_of.items():
         assert merged[rid] == hf_greedy(models[model], prompt, MAX_TOKENS), rid
+    # no overlap here: every request's KV is in place when the group serves, and they all
+    # go before anything new (a queued prefill), a micro-batch of about their decodes' cost
+    assert reports[0]["capped_until"] == sorted(prompt_of)
+    assert (reports[0]["budget_at_drop"] < config.max_num_batched_tokens
+            or config.max_num_batched_tokens <= config.lookahead_min_tokens)  # the cap's floor
 
     from kunserve.worker.model_config import ModelConfig
 

@@ -277,8 +277,9 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     # with an overlapped exchange, those whose KV moves wait for it (held), but for those
     # whose first stage's KV is already in place on the leader (ready: its own requests)
     overlap = overlap and layer_link is not None
-    held = [msgspec.structs.replace(s, block_table=list(layout.tables[s.request_id]))
-            for s in requests if overlap and layout.tables[s.request_id]]
+    moved = [msgspec.structs.replace(s, block_table=list(layout.tables[s.request_id]))
+             for s in requests if layout.tables[s.request_id]]
+    held = moved if overlap else []
     # the blocks this member receives slices into; on the leader, the requests with none
     # there are ready: their first stage's KV is in place once ``start_move`` returns
     incoming = frozenset(b for p in layout.pieces if p.dst == rank != p.src
@@ -291,7 +292,8 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         engine.adopt_requests([s for s in requests if s.request_id not in moving],
                               layout.tables)
         _hold(engine, held)  # after: its headroom blocks must not be any adopted one's
-        _cap_while_held(engine, ready, held)
+        # without an overlap every moved request's KV is in place when the group serves
+        _cap_while_held(engine, ready if overlap else moved, held)
     else:
         engine.install(None, memory)
     phases["free"] = time.perf_counter() - start - phases["handover"]

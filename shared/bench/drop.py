@@ -9,7 +9,10 @@ a solo ``LLMEngine`` (default memory budget, ``--threads`` torch threads) servin
    the last member starting to each member's link being ready; in the mesh it happens while
    the worker serves, so it is not part of any request's token gap;
 2. solo: the requests prefill, 2 decode steps warm up, ``--steps`` decode steps are timed; each
-   member then serves on until every member has finished its window (the commit) and drops
+   member then serves on until every member has finished its window (the commit: a worker
+   serves until the planner's commit reaches it, so up to ``--steps`` more tokens per request
+   are kept for this wait; a member that runs out of them stops stepping, and the run
+   reports how long before its drop, time that the gap of its requests then includes) and drops
    (``reconfigure.drop``: ``Membership.phases`` handover, free, exchange and the bytes of
    ``Membership.kv_moved``), with ``--queued-per-instance`` requests queued on each member
    just before. The exchange runs beside the group as in a worker (over the second link; or
@@ -97,7 +100,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="group sizes, comma-separated; one table each (default: 2,4)")
     p.add_argument("--requests-per-instance", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--output-len", type=int, default=96)
+    p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--steps", type=int, default=32,
                    help="decode steps timed solo; tokens per request timed pipelined")
     p.add_argument("--threads", type=int, default=1, help="torch threads per member process")
@@ -134,10 +137,11 @@ def run(args: argparse.Namespace) -> int:
 
     # per request: prefill, warm-up, the solo window; pipelined the window and up to two
     # more (the first round, the drain) and the tokens served while the layers are pulled
-    # back; restored at least one (a request still streams)
+    # back; restored at least one (a request still streams); and up to --steps while the
+    # members that finished their solo window first wait for the others (the commit)
     least = WARM_STEPS + 4 + PULL_TOKENS
-    if args.steps < 2 or args.output_len < 2 * args.steps + least:
-        raise ValueError(f"--output-len must be at least 2 x --steps + {least} "
+    if args.steps < 2 or args.output_len < 3 * args.steps + least:
+        raise ValueError(f"--output-len must be at least 3 x --steps + {least} "
                          f"(got {args.output_len} and {args.steps})")
     if args.queued_per_instance < 0:
         raise ValueError("--queued-per-instance must be >= 0")
@@ -349,7 +353,10 @@ def _gaps(spec: DropBenchSpec, members: list[dict], times: dict, exchange_s: flo
     return {"worst": max(gaps, key=lambda g: g["gap_s"]),
             "within_bound": sum(g["gap_s"] < g["bound_s"] for g in gaps),
             "requests": len(gaps), "solo_step_s": solo_step, "exchange_s": exchange_s,
-            "worst_restore_gap_s": max(g["restore_gap_s"] for g in gaps)}
+            "worst_restore_gap_s": max(g["restore_gap_s"] for g in gaps),
+            # a member out of tokens to serve while it waited for the commit (raise
+            # --output-len): its requests' gaps include this much idling of the bench's own
+            "stalled_s": {m["rank"]: m["stalled_s"] for m in members}}
 
 
 def _queued(members: list[dict], times: dict) -> dict:
@@ -522,11 +529,14 @@ class _Member:
         would not have enough tokens left for the pipelined window and the restore."""
         self.store.add("window-done", 1)
         keep = self.spec.steps + 3 + PULL_TOKENS
+        stalled_at = None
         while self.store.add("window-done", 0) < self.spec.size:
             if min(self.spec.output_len - len(self.tokens[r]) for r in prompts) > keep:
                 self.take("solo", engine.step())
             else:
+                stalled_at = stalled_at or time.time()
                 time.sleep(0.0005)
+        self.report["stalled_s"] = time.time() - stalled_at if stalled_at else 0.0
 
     def serve_during_exchange(self, engine, membership) -> None:
         """The leader while the drop's KV moves (overlapped), as a worker's engine thread
@@ -671,6 +681,11 @@ def _print_table(r: dict) -> None:
           f"{1e3 * worst['bound_s']:.1f} ms; within the bound: {gap['within_bound']} of "
           f"{gap['requests']} requests  (solo step, slowest member: {step:.1f} ms; exchange "
           f"{1e3 * gap['exchange_s']:.1f} ms)")
+    stalled = {rank: s for rank, s in gap["stalled_s"].items() if s > 0}
+    if stalled:
+        print("  member(s) out of tokens while waiting for the commit, idle before the drop "
+              "(in their requests' gaps; raise --output-len): "
+              + ", ".join(f"rank {rank} {1e3 * s:.1f} ms" for rank, s in stalled.items()))
     q = r["queued"]
     if q["count"]:
         print(f"requests queued at the drop: first token {1e3 * q['first_token_p50_s']:.1f} ms "
