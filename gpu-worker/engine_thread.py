@@ -121,8 +121,7 @@ class GroupCommand:
 
 @dataclass
 class ExchangeDone:
-    """From a drop's exchange thread: the leader's own slices are in place, or every
-    member's (or the group broke)."""
+    """From a drop's exchange thread: the KV is in place (or the group broke)."""
 
     exchange: reconfigure.KVExchange
 
@@ -456,18 +455,12 @@ class EngineThread:
                 await self._outlet.emit(adopted)
 
     async def _complete_drop(self, engine: LLMEngine) -> None:
-        """Leader: its own slices of the drop's KV exchange are in place (send the requests
-        it held: ``adopt_landed``), or the exchange is over (complete the drop and the join
-        command, or serve solo again)."""
-        membership = self._membership
+        """Leader: the drop's KV exchange is over; serve its requests, or solo again."""
+        membership, command = self._membership, self._joining
         if membership is None or not membership.link.is_leader:
             return  # a follower's exchange needs nothing here; a fallen-back one is solo
-        self._dirty = True
-        exchange = membership.exchange
+        self._joining = None
         try:
-            if exchange is not None and not exchange.done():  # only the leader's slices are in
-                reconfigure.adopt_landed(engine, membership)
-                return
             reconfigure.complete_drop(engine, membership)
         except Exception as exc:  # solo, every request requeued
             if not isinstance(exc, reconfigure.GroupFailed):  # a bug: leave the group anyway
@@ -477,13 +470,12 @@ class EngineThread:
             logger.warning("group %s broke during the KV exchange: %s", membership.group_id,
                            exc)
             await self._set_role(Role())
-            command, self._joining = self._joining, None
             if command is not None:
                 command.done.set_exception(exc)
-            return
-        command, self._joining = self._joining, None
-        if command is not None:
-            command.done.set_result(dict(membership.phases))
+        else:
+            if command is not None:
+                command.done.set_result(dict(membership.phases))
+        self._dirty = True
 
     async def _serve_stage(self, engine: LLMEngine, membership: reconfigure.Membership) -> None:
         """A follower: run the stage loop on a helper thread (this loop stays free to report
@@ -523,7 +515,7 @@ class EngineThread:
         if membership is None or not membership.link.is_leader:
             raise ValueError("only a group's leader restores it")
         exchange = membership.exchange
-        if exchange is not None and not exchange.completed:  # the drop's KV first
+        if exchange is not None and not exchange.adopted:  # the drop's KV first
             await asyncio.to_thread(exchange.wait)
             await self._complete_drop(engine)
             if self._membership is not membership:

@@ -7,8 +7,7 @@ Rank 1's half of the KV exchange is held back until the test releases it. Meanwh
 leader must take a new request but not run it (the requests whose KV moves go first), turn an
 abort of a request whose KV is moving into ``Aborted`` (and never run it again), and keep its
 join pending: the command is done, with the exchange's phases, only once the KV is in place
-(``ExchangeDone``); the request whose KV came to the leader joins as soon as the leader's own
-slices are in. Then every request's tokens, across both instances, are transformers'
+(``ExchangeDone``). Then every request's tokens, across both instances, are transformers'
 greedy tokens."""
 
 from __future__ import annotations
@@ -177,10 +176,6 @@ def test_the_leader_takes_and_aborts_requests_while_the_kv_moves(model, rank1_ex
         bad = [o for o in outlets[0].outputs() if o.request_id == "bad"]
         assert bad[-1].finish_reason == "error" and "token" in bad[-1].error
         assert not joins[0].done.done()  # the leader's join waits for the KV
-        # its own slices are in: b0 (whose KV came to it) joined its scheduler and went out
-        # behind a0 and a1, while rank 1 still holds its half and nothing came back
-        wait_for(lambda: threads[0]._membership.exchange.adopted, "b0 taken at the landing")
-        assert not threads[0]._membership.exchange.done()
         assert {rid: len(outlets[0].tokens(rid)) for rid in moved} == moved  # held: no tokens
 
         released_at = len(outlets[0].outputs())

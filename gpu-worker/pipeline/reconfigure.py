@@ -14,14 +14,12 @@ group (``LeaderRunner``); the others serve their stage (``StageRunner``), the la
 the seeded generators of every request. With the epoch's second link, the exchange runs
 beside the group: every member posts its sends and receives, the slices land on a helper
 thread (``KVExchange``), and the leader holds the requests whose KV moves to it (their blocks
-under a placeholder) until its own slices are written. Its own requests are not held: the KV
-of its layers never moved, so one micro-batch of all of them goes out during the drop, its
-first stage computed while the KV moves, and every later stage waits for its slices before
-running a micro-batch that uses blocks they land in (``KVExchange.wait_landed``). Once the
-leader's own slices are in, the held requests join and their micro-batches follow that one
-(``adopt_landed``), their first stage computed while slower members still write theirs; the
-leader takes nothing back (``waits_for_kv``) until every member reports its slices written
-(``KVInPlace``, then ``complete_drop``). Moved requests go first: while their KV moves the leader serves nothing
+under a placeholder) until every member reports its slices written (``KVInPlace``, then
+``complete_drop``). Its own requests are not held: the KV of its layers never moved, so one
+micro-batch of all of them goes out during the drop, its first stage computed while the KV
+moves, and every later stage waits for its slices before running a micro-batch that uses
+blocks they land in (``KVExchange.wait_landed``); meanwhile the leader steps no further
+(``waits_for_kv``). Moved requests go first: while their KV moves the leader serves nothing
 else (a queued prefill would take the cores from the exchange and hold their first
 micro-batch back; with none held and nothing in flight, the queued requests are served at
 once). Then, until an output of each has come back, they split evenly over the micro-batches
@@ -130,10 +128,8 @@ class KVExchange:
     """The second half of a drop's KV exchange (``KVMove.finish``) on a helper thread beside
     the group, then the report to the leader: every member sends ``KVInPlace`` on the
     layer link, the leader's thread waits for all of them. ``on_done`` (any thread) is called
-    once it is over, either way, and on the leader also once its own slices are written
-    (``landed``). On the leader, ``held`` are the requests whose KV is moving to it (they
-    wait): ``adopt_landed`` adopts them once the leader's own slices are written (every
-    other stage waits for its own, ``wait_landed``), ``complete_drop`` once it is over."""
+    once it is over, either way. On the leader, ``held`` are the requests whose KV is moving
+    to it (they wait): ``complete_drop`` adopts them once it is over."""
 
     def __init__(self, move: KVMove, link: StageLink, held: list[RequestState],
                  phases: dict[str, float], on_done: Callable[[KVExchange], None] | None,
@@ -142,8 +138,7 @@ class KVExchange:
         self.held = {s.request_id: s for s in held}
         self.incoming = incoming
         self.cancelled: set[str] = set()  # aborted while held: dropped, not adopted
-        self.adopted = False  # the held requests are in the leader's scheduler
-        self.completed = False  # the leader completed the drop (every member's report in)
+        self.adopted = False
         self.stats: MoveStats | None = None
         self.error: str | None = None
         self._move, self._link, self._phases, self._on_done = move, link, phases, on_done
@@ -161,8 +156,6 @@ class KVExchange:
             self._landed.set()
             self._phases["exchange"] = self.stats.seconds
             if link.is_leader:
-                if self._on_done is not None:  # the held requests' first stage can run
-                    self._on_done(self)
                 for rank in range(1, link.size):
                     report = link.recv_message(KVInPlace, rank)
                     if report.error:
@@ -201,10 +194,6 @@ class KVExchange:
 
     def done(self) -> bool:
         return self._done.is_set()
-
-    def landed(self) -> bool:
-        """This member's own slices are written (or its half failed: ``error``)."""
-        return self._landed.is_set()
 
     def stop(self) -> None:
         """No more writes into the cache: a slice that arrives after this is dropped and the
@@ -367,13 +356,12 @@ def _start_ready(engine: LLMEngine, membership: Membership) -> None:
 
 
 def waits_for_kv(engine: LLMEngine, membership: Membership | None) -> bool:
-    """Leader: no step now. Micro-batches are in flight while the drop's KV still moves (the
-    one of its own requests sent at the drop, then those ``adopt_landed`` sends): taking one
-    back would wait for the members' slices (the engine thread would block), and before the
-    leader's own slices are in, the requests whose KV comes to it could not go out
-    meanwhile. ``complete_drop`` ends it."""
+    """Leader: no step now. The micro-batch of its own requests that went out at the drop is
+    in flight while the drop's KV still moves: taking it back would wait for the members'
+    slices (the engine thread would block), and the requests whose KV comes to the leader
+    could not go out meanwhile. ``complete_drop`` ends it."""
     exchange = membership.exchange if membership is not None else None
-    return exchange is not None and not exchange.completed and engine.num_in_flight > 0
+    return exchange is not None and not exchange.adopted and engine.num_in_flight > 0
 
 
 def _hold(engine: LLMEngine, held: list[RequestState]) -> None:
@@ -423,54 +411,18 @@ def cancel_held(engine: LLMEngine, exchange: KVExchange, request_id: str) -> boo
     return cancelled
 
 
-def adopt_landed(engine: LLMEngine, membership: Membership) -> list[str]:
-    """Leader, between two steps, once its own slices are written (``KVExchange.landed``)
-    while the other members may still be writing theirs: the held requests join the
-    scheduler, ahead of those it took meanwhile, and their micro-batches go out at once (up
-    to the pipeline's depth): their first stage runs here while the slower members land,
-    each of whom waits for its own slices before running a micro-batch that needs them
-    (``KVExchange.wait_landed``). Nothing is taken back until ``complete_drop``
-    (``waits_for_kv``). Only while the micro-batch of the leader's own requests sent at the
-    drop is in flight: the leader takes nothing back before ``complete_drop`` then anyway,
-    whereas with none in flight it steps (a queued request, once every held one is aborted)
-    and must not block on a slower member's slices. Returns the adopted ids; does nothing
-    before the leader's slices are in, after a failed half, or twice."""
-    exchange = membership.exchange
-    if (exchange is None or exchange.adopted or not exchange.landed() or exchange.error
-            or engine.num_in_flight == 0):
-        return []
-    adopted = _adopt_held(engine, exchange)
-    try:
-        engine.fill()
-    except StageLinkError as exc:
-        fall_back(engine, membership)
-        raise GroupFailed(f"the group broke sending the moved requests: {exc}") from None
-    return adopted
-
-
 def complete_drop(engine: LLMEngine, membership: Membership) -> list[str]:
     """Leader, between two steps, once ``membership.exchange`` is done (it waits otherwise):
-    the held requests join the scheduler, ahead of those it took meanwhile, unless
-    ``adopt_landed`` already took them. Returns the ids it adopted. When the exchange failed
-    (on any member, before or after the adoption), falls back to solo (every request
-    requeued) and raises ``GroupFailed``. Does nothing when there is nothing to complete."""
+    the held requests join the scheduler, ahead of those it took meanwhile. Returns their ids.
+    When the exchange failed, falls back to solo (every request requeued) and raises
+    ``GroupFailed``. Does nothing when there is nothing to complete."""
     exchange = membership.exchange
-    if exchange is None or exchange.completed:
+    if exchange is None or exchange.adopted:
         return []
     exchange.wait()
     if exchange.error is not None:
         fall_back(engine, membership)
         raise GroupFailed(f"the group broke during the KV exchange: {exchange.error}")
-    adopted = _adopt_held(engine, exchange)
-    exchange.completed = True
-    return adopted
-
-
-def _adopt_held(engine: LLMEngine, exchange: KVExchange) -> list[str]:
-    """The held requests (but the aborted ones) into the scheduler, first, each micro-batch
-    capped at about one of their decodes until an output of each has come back."""
-    if exchange.adopted:
-        return []
     blocks = engine.block_manager
     for rid in exchange.held:
         blocks.free(_HOLD + rid)
@@ -631,8 +583,8 @@ def restore(engine: LLMEngine, membership: Membership, begin: BeginRestore,
     link, rank = membership.link, membership.link.rank
     exchange = membership.exchange
     if exchange is not None:  # over everywhere (the leader completed the drop):
-        if link.is_leader and not exchange.completed:
-            raise ValueError("complete_drop before restoring: the drop is not complete")
+        if link.is_leader and not exchange.adopted:
+            raise ValueError("complete_drop before restoring: requests are still held")
         exchange.wait()       # its thread may still be returning
     if link.is_leader:
         begin.requests = engine.export_requests()
@@ -755,7 +707,7 @@ def fall_back(engine: LLMEngine, membership: Membership,
         if not exchange.wait(exchange_timeout(membership)):  # stopped: it writes no more
             logger.error("the KV exchange of group %s did not end", membership.group_id)
         held = [*(held or []), *exchange.unadopted()]
-        exchange.adopted = exchange.completed = True
+        exchange.adopted = True
     _close(membership)
     model, config = engine.model_config, engine.config
     requests = engine.abandon_requests() + [import_request(s) for s in held or []]

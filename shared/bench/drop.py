@@ -541,14 +541,11 @@ class _Member:
     def serve_during_exchange(self, engine, membership) -> None:
         """The leader while the drop's KV moves (overlapped), as a worker's engine thread
         does: step while anything can run (nothing, while requests are held for their KV),
-        send the requests whose KV moved here once the leader's own slices are in
-        (``adopt_landed``), complete the drop once every member's are (``complete_drop``)."""
+        then run the requests whose KV moved (``complete_drop``)."""
         from kunserve.worker.pipeline import reconfigure
 
         exchange, steps = membership.exchange, 0
         while exchange is not None and not exchange.done():
-            if exchange.landed() and not exchange.adopted:
-                reconfigure.adopt_landed(engine, membership)
             waits = reconfigure.waits_for_kv(engine, membership)
             if engine.has_unfinished() and not waits:
                 self.take("group", engine.step())
