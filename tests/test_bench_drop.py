@@ -215,3 +215,48 @@ def test_requests_no_solo_instance_could_hold_are_refused_before_spawning(tmp_pa
                  "--output-len", "1024", "--steps", "8"]) == 2
     err = capsys.readouterr().err
     assert "KV blocks per instance" in err and "lower --requests-per-instance" in err
+
+
+@pytest.mark.parametrize("spare", [None, 5, 0], ids=["plenty", "five-tokens", "none"])
+def test_a_member_serves_until_the_commit_or_says_how_long_it_idled(spare):
+    """A member that finished its solo window first steps on until the last one has (the
+    commit), as a worker serves until the commit reaches it; one whose requests have no
+    tokens to spare for that stops and reports how long it idled (time its requests' gaps
+    then include). A real store; the engine is a stand-in that yields one token per step."""
+    import datetime
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from kunserve.bench.drop import PULL_TOKENS, DropBenchSpec, _Member
+    from kunserve.worker.engine import RequestOutput
+
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=30))
+    spec = DropBenchSpec("unused", 2, 1, 8, output_len=1000, steps=4, threads=1)
+    member = _Member(spec, store.port, 0)
+    keep = spec.steps + 3 + PULL_TOKENS
+    if spare is not None:  # tokens already out: ``spare`` left beyond what comes after
+        member.tokens["r"] = [(0.0, "solo")] * (spec.output_len - keep - spare)
+
+    class Engine:
+        steps = 0
+
+        def step(self):
+            self.steps += 1
+            time.sleep(0.002)
+            return [RequestOutput("r", [7], "", False)]
+
+    engine, wait_s = Engine(), 0.2
+    other = threading.Timer(wait_s, lambda: store.add("window-done", 1))  # the slower member
+    other.start()
+    member.serve_until_commit(engine, {"r": [1, 2]})
+    other.join()
+    stalled = member.report["stalled_s"]
+    if spare is None:  # 200 ms of steps of 2 ms: it never ran short
+        assert engine.steps > 20 and stalled == 0
+    elif spare:  # it stepped until its tokens ran short, then idled for the rest of the wait
+        assert engine.steps == spare and 0.1 < stalled < wait_s
+    else:
+        assert engine.steps == 0 and 0.8 * wait_s < stalled < 5
