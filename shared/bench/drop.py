@@ -10,9 +10,10 @@ a solo ``LLMEngine`` (default memory budget, ``--threads`` torch threads) servin
    the worker serves, so it is not part of any request's token gap;
 2. solo: the requests prefill, 2 decode steps warm up, ``--steps`` decode steps are timed; each
    member then serves on until every member has finished its window (the commit: a worker
-   serves until the planner's commit reaches it, so up to ``--steps`` more tokens per request
-   are kept for this wait; a member that runs out of them stops stepping, and the run
-   reports how long before its drop, time that the gap of its requests then includes) and drops
+   serves until the planner's commit reaches it; the tokens past what the later phases need
+   are kept for this wait, a window's worth with the default ``--output-len``; a member that
+   runs out of them stops stepping, and the run reports how long before its drop, time that
+   the gap of its requests then includes) and drops
    (``reconfigure.drop``: ``Membership.phases`` handover, free, exchange and the bytes of
    ``Membership.kv_moved``), with ``--queued-per-instance`` requests queued on each member
    just before. The exchange runs beside the group as in a worker (over the second link; or
@@ -137,11 +138,12 @@ def run(args: argparse.Namespace) -> int:
 
     # per request: prefill, warm-up, the solo window; pipelined the window and up to two
     # more (the first round, the drain) and the tokens served while the layers are pulled
-    # back; restored at least one (a request still streams); and up to --steps while the
-    # members that finished their solo window first wait for the others (the commit)
+    # back; restored at least one (a request still streams). What is left over serves the
+    # members that finished their solo window first while they wait for the others (the
+    # commit): --steps tokens by default; a member that runs short says how long it idled
     least = WARM_STEPS + 4 + PULL_TOKENS
-    if args.steps < 2 or args.output_len < 3 * args.steps + least:
-        raise ValueError(f"--output-len must be at least 3 x --steps + {least} "
+    if args.steps < 2 or args.output_len < 2 * args.steps + least:
+        raise ValueError(f"--output-len must be at least 2 x --steps + {least} "
                          f"(got {args.output_len} and {args.steps})")
     if args.queued_per_instance < 0:
         raise ValueError("--queued-per-instance must be >= 0")
