@@ -254,9 +254,9 @@ def test_a_member_serves_until_the_commit_or_says_how_long_it_idled(spare):
     member.serve_until_commit(engine, {"r": [1, 2]})
     other.join()
     stalled = member.report["stalled_s"]
-    if spare is None:  # 200 ms of steps of 2 ms: it never ran short
-        assert engine.steps > 20 and stalled == 0
+    if spare is None:  # 200 ms (or more, on a busy machine) of steps of 2 ms: never short
+        assert engine.steps > 5 and stalled == 0
     elif spare:  # it stepped until its tokens ran short, then idled for the rest of the wait
-        assert engine.steps == spare and 0.1 < stalled < wait_s
+        assert engine.steps == spare and 0.1 < stalled < 5
     else:
         assert engine.steps == 0 and 0.8 * wait_s < stalled < 5
