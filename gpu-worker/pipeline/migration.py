@@ -54,6 +54,7 @@ class MigrationStats:
     copied_blocks: int = 0  # sent while the requests decoded on (also of ones that then
     # finished or were preempted, and stayed)
     stop_blocks: int = 0  # sent while they were stopped
+    held_blocks: int = 0  # source: what the moved requests held at the stop (copied or not)
     copy_s: float = 0.0  # source: from the copy's start to the destination's answer
     stop_s: float = 0.0  # source: from stopping the requests to the destination's answer
     started_at: float = field(default_factory=time.perf_counter)
@@ -62,7 +63,8 @@ class MigrationStats:
         return {"migrate": time.perf_counter() - self.started_at, "copy": self.copy_s,
                 "stop": self.stop_s, "requests": float(self.requests),
                 "copied_blocks": float(self.copied_blocks),
-                "stop_blocks": float(self.stop_blocks)}
+                "stop_blocks": float(self.stop_blocks),
+                "held_blocks": float(self.held_blocks)}
 
 
 class MigrationSource:
@@ -191,6 +193,7 @@ class MigrationSource:
         self._outgoing = (MigrateFinal(requests=self._states, generators=self._generators,
                                        copied=copied), rest)
         self.stats.stop_blocks = len(rest)
+        self.stats.held_blocks = sum(len(s.block_table) for s in self._states)
 
     def _release(self, engine: LLMEngine, taken_back: bool) -> None:
         self._unpin(engine)

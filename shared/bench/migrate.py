@@ -98,6 +98,7 @@ def summarize(spec: MigrateBenchSpec, source: dict, destination: dict) -> dict:
         rounds.append({"mode": src["mode"], "moved": len(src["moved"]),
                        "copied_blocks": src["stats"]["copied_blocks"],
                        "stop_blocks": src["stats"]["stop_blocks"],
+                       "held_blocks": src["stats"]["held_blocks"],
                        "stop_mb": src["stats"]["stop_blocks"] * source["block_bytes"] / 1e6,
                        "stop_s": src["stats"]["stop_s"], "copy_s": src["stats"]["copy_s"],
                        "steps_during_copy": src["steps_during_copy"],
