@@ -273,27 +273,26 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     executor = StageExecutor(stage, cache)
     membership = Membership(link, group_id, layers, solo_memory, phases=phases,
                             layer_link=layer_link)
-    # the leader owns every request from here on: if the group breaks, it recomputes them;
-    # with an overlapped exchange, those whose KV moves wait for it (held), but for those
-    # whose first stage's KV is already in place on the leader (ready: its own requests)
+    # the leader owns every request from here on (the others get none): if the group breaks,
+    # it recomputes them. Of those whose KV moved, the ready ones can run once their first
+    # stage's KV is in place on the leader: its own at once (the KV of its layers stayed),
+    # every one without an overlap (the exchange is over when the group serves); the rest
+    # wait for the overlapped exchange (held)
     overlap = overlap and layer_link is not None
     moved = [msgspec.structs.replace(s, block_table=list(layout.tables[s.request_id]))
              for s in requests if layout.tables[s.request_id]]
-    held = moved if overlap else []
-    # the blocks this member receives slices into; on the leader, the requests with none
-    # there are ready: their first stage's KV is in place once ``start_move`` returns
+    # the blocks this member receives slices into
     incoming = frozenset(b for p in layout.pieces if p.dst == rank != p.src
                          for b in p.dst_blocks)
-    ready = [s for s in held if incoming.isdisjoint(s.block_table)] if link.is_leader else []
+    ready = [s for s in moved if not overlap or incoming.isdisjoint(s.block_table)]
+    held = [s for s in moved if overlap and not incoming.isdisjoint(s.block_table)]
     if link.is_leader:
         engine.install(LeaderRunner(executor, link, depth=size), memory)
-        held = [s for s in held if s not in ready]
         moving = {s.request_id for s in held}
         engine.adopt_requests([s for s in requests if s.request_id not in moving],
                               layout.tables)
         _hold(engine, held)  # after: its headroom blocks must not be any adopted one's
-        # without an overlap every moved request's KV is in place when the group serves
-        _cap_while_held(engine, ready if overlap else moved, held)
+        _cap_while_held(engine, ready, held)
     else:
         engine.install(None, memory)
     phases["free"] = time.perf_counter() - start - phases["handover"]
