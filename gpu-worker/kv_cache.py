@@ -15,6 +15,14 @@ first written, so a large budget costs address space, not memory, until blocks a
 CUDA the range is reserved virtual memory with physical memory mapped behind the blocks in use
 (``cuda_vmm.py``, unverified: no GPU here); without cuda-python, a plain allocation of the whole
 range.
+
+On CPU, a block's pages are committed before the first step writes into it
+(``commit_through``). Attention reads whole blocks, so a page of a block's unwritten slots that
+is read first maps the kernel's shared zero page, and its first write then copies it and
+flushes the TLB of every CPU the process's threads ran on: about 16 us a page measured here,
+against 2.5 us for a page written first and 0.7 us for one committed ahead (a throwaway
+script; README). Three of a block's four pages per layer took that path, in every decode and
+in a drop's KV exchange, which writes into blocks that were only read.
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ class KVCache:
             raise ValueError("the reserved range is smaller than the initial blocks")
         self._device_range = None
         self._mmap: mmap.mmap | None = None  # the CPU storage's anonymous mapping
+        self._committed = 0  # ``commit_through``: bytes [0, this) are committed
         device = torch.device(device)
         if device.type == "cuda" and cuda_vmm.available():
             self._device_range = cuda_vmm.GrowableDeviceRange(capacity, device)
@@ -71,11 +80,22 @@ class KVCache:
             return False
         return True
 
+    def commit_through(self, block: int) -> None:
+        """Commit the pages of blocks ``0 .. block`` of the current geometry unless they are
+        (a step calls it with the highest block it writes into; the block manager hands every
+        id out in ascending order before it reuses one, so few of those pages sit idle). CPU only: elsewhere nothing happens."""
+        end = min(-(-(block + 1) * self.geometry.block_bytes // mmap.PAGESIZE) * mmap.PAGESIZE,
+                  self.storage.nbytes)
+        if end > self._committed:
+            self.populate(self._committed, end)
+            self._committed = end
+
     def release(self, start: int) -> None:
         """Give the pages past byte ``start`` back to the kernel (CPU; they read as zeros
         again): the blocks of a thinner geometry that a restore leaves unused."""
         region = self._mmap
         start, end = _pages(start, self.storage.nbytes)
+        self._committed = min(self._committed, start)
         if region is not None and end > start:
             region.madvise(mmap.MADV_DONTNEED, start, end - start)
 

@@ -10,7 +10,7 @@ import pytest
 
 from kunserve.cli import main
 
-ROWS = ["prepare", "handover", "free", "KV exchange", "drop total",
+ROWS = ["prepare", "handover", "free", "KV exchange", "drop total", "release params",
         "first pipelined step (leader)", "restore: pull layers", "restore: KV exchange",
         "restore total"]
 

@@ -84,3 +84,64 @@ def test_spare_regions_populate_and_release_leave_the_blocks_in_use_alone():
     head = keep // 4  # float32 elements
     assert torch.equal(cache.storage[:head], before[:head])
     assert float(cache.storage[head:].abs().sum()) == 0
+
+
+def _faults_while(write) -> int:
+    """Minor page faults this thread takes while ``write`` runs."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+    write()
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before
+
+
+def test_committed_blocks_take_no_page_fault_on_their_first_write():
+    """Attention reads whole blocks before their slots are written. A committed block's
+    first write after that read costs no fault; an uncommitted one faults on every page (the
+    copy of the kernel's zero page, the slow path ``commit_through`` is for)."""
+    geometry = KVGeometry(layers_held=4, block_size=16, num_kv_heads=2, head_dim=64,
+                          dtype_bytes=4)  # 64 KiB blocks: 16 pages each
+    cache = KVCache(geometry, 8, torch.float32)
+    blocks = cache.blocks()
+    assert float(blocks.sum()) == 0  # read: every page maps the zero page
+    if not cache.populate(0, geometry.block_bytes):
+        pytest.skip("this kernel has no MADV_POPULATE_WRITE (Linux 5.14+)")
+    cache.release(0)  # back to untouched (the probe above committed block 0)
+    assert float(blocks.sum()) == 0
+    cache.commit_through(3)
+    pages = 4 * geometry.block_bytes // 4096
+    stray = 2  # the interpreter's own (a tensor object for the slice)
+    assert _faults_while(lambda: blocks[:4].fill_(1.0)) <= stray
+    assert _faults_while(lambda: blocks[4:].fill_(2.0)) >= pages // 4  # (large folios: fewer)
+    # a release forgets what it gave back: committing again covers it
+    cache.release(2 * geometry.block_bytes)
+    assert float(blocks[2:].sum()) == 0
+    cache.commit_through(5)
+    assert _faults_while(lambda: blocks[2:6].fill_(3.0)) <= stray
+    assert float(blocks[:2].sum()) == 2 * geometry.block_bytes // 4  # kept: ones
+
+
+def test_a_kv_move_keeps_its_staging_until_release():
+    """A drop stages its exchange in the parameters it frees; giving them back to the kernel
+    takes milliseconds, so ``finish`` keeps them and the drop releases them once the
+    exchange is reported."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    from kunserve.worker.group_layout import KVPiece
+    from kunserve.worker.pipeline.kv_transfer import start_move
+
+    cache = KVCache(GEOMETRY, 4, torch.float32)
+    fill(cache)
+    expected = [cache.layer_blocks(layer)[:2].clone() for layer in range(4)]
+    piece = KVPiece(src=0, dst=0, layer_start=0, layer_end=4, src_blocks=(0, 1),
+                    dst_blocks=(2, 3))
+    staging = torch.empty(1 << 16)
+    weak = StorageWeakRef(staging.untyped_storage())
+    move = start_move(cache, None, 0, [piece], GEOMETRY, 4, 0, [staging])
+    del staging
+    stats = move.finish()
+    assert stats.bytes_copied == 4 * 2 * GEOMETRY.block_bytes // 4
+    assert all(torch.equal(cache.layer_blocks(layer)[2:], expected[layer]) for layer in range(4))
+    assert not weak.expired()
+    move.release()
+    assert weak.expired()

@@ -22,7 +22,10 @@ Packing everything before any write makes the order of writes irrelevant; no mem
 waits on a peer before its own sends are posted, so no pair waits on each other.
 
 Steps 1-3 are ``start_move``, step 4 is ``KVMove.finish`` (which also posts the receives
-that waited for a drained fresh buffer). ``move_kv`` runs both while the
+that waited for a drained fresh buffer). The staging outlives ``finish`` until
+``KVMove.release``: a drop's staging is the parameters it frees, and giving tens of MB back
+to the kernel (``munmap``) takes milliseconds of CPU that the peers still moving bytes need,
+so the drop releases it once the exchange is reported. ``move_kv`` runs both while the
 group is not serving. A drop runs them apart (``reconfigure.drop``): 1-3 on the engine thread
 with nothing else running, then 4 on a helper thread while the group already serves; it moves
 the KV over the epoch's second link, so an activation never queues behind a KV chunk. Since
@@ -55,6 +58,7 @@ class MoveStats:
     bytes_copied: int = 0  # local pieces (the uneven layout, restore)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time meanwhile, every thread (gloo's too)
+    release_seconds: float = 0.0  # ``KVMove.release``: the staging given back, after
     # ``time.perf_counter`` stamps (one clock for every process of a host): a member that
     # starts first waits for the others inside its ``seconds``
     started_at: float = 0.0
@@ -81,8 +85,10 @@ def move_kv(cache: KVCache, link: StageLink | None, rank: int, pieces: list[KVPi
     packed and received slices may use, already-touched pages where fresh buffers would pay a
     page fault per page (a drop passes the parameters it is freeing, a restore the free
     blocks past what the solo geometry uses); none of it may overlap a block being moved."""
-    return start_move(cache, link, rank, pieces, geometry, num_blocks, layer_start,
-                      staging).finish()
+    move = start_move(cache, link, rank, pieces, geometry, num_blocks, layer_start, staging)
+    stats = move.finish()
+    move.release()
+    return stats
 
 
 @torch.inference_mode()
@@ -158,13 +164,20 @@ class KVMove:
             rows = rows_of.setdefault(id(piece), _Rows(piece.dst_blocks))
             rows.scatter(cache.layer_blocks(layer), buffer)
             stats.bytes_received += buffer.nbytes
-        self._receives = None  # its buffers (staging: the freed parameters) can go
         if self._link is not None:
             self._link.flush()
         stats.ended_at = time.perf_counter()
         stats.seconds = stats.ended_at - stats.started_at
         stats.cpu_seconds = time.process_time() - self._cpu_start
         return stats
+
+    def release(self) -> float:
+        """Let the staging go (after ``finish``, or after it failed); returns the seconds
+        that took, also in ``stats.release_seconds``."""
+        start = time.perf_counter()
+        self._receives = None  # its buffers: the staging, a drop's freed parameters
+        self.stats.release_seconds = time.perf_counter() - start
+        return self.stats.release_seconds
 
 
 def _slot(geometry: KVGeometry) -> tuple[int, ...]:

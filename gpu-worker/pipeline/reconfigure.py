@@ -149,9 +149,9 @@ class KVExchange:
         self._thread.start()
 
     def _run(self) -> None:
-        link = self._link
+        link, move = self._link, self._move
         try:
-            self.stats = self._move.finish()
+            self.stats = move.finish()
             self._move = None
             self._landed.set()
             self._phases["exchange"] = self.stats.seconds
@@ -178,6 +178,8 @@ class KVExchange:
             self._done.set()
             if self._on_done is not None:
                 self._on_done(self)
+            # the dropped layers' memory goes last, off the path of the requests waiting
+            self._phases["release"] = move.release()
 
     def wait_landed(self, chunks: list[ScheduledChunk]) -> bool:
         """A member's stage, before it runs a micro-batch of ``chunks`` (the leader sends the
@@ -306,6 +308,7 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         else:
             membership.moved = move.finish()
             phases["exchange"] = membership.moved.seconds
+            phases["release"] = move.release()
     except StageLinkError as exc:
         fall_back(engine, membership, held)
         raise GroupFailed(f"the group broke during the KV exchange: {exc}") from None
