@@ -25,7 +25,8 @@ Steps 1-3 are ``start_move``, step 4 is ``KVMove.finish`` (which also posts the 
 that waited for a drained fresh buffer). The staging outlives ``finish`` until
 ``KVMove.release``: a drop's staging is the parameters it frees, and giving tens of MB back
 to the kernel (``munmap``) takes milliseconds of CPU that the peers still moving bytes need,
-so the drop releases it once the exchange is reported. ``move_kv`` runs both while the
+so the drop releases it once the exchange is reported, on a low-priority thread
+(``release_in_background``) that takes what the serving threads leave of the cores. ``move_kv`` runs both while the
 group is not serving. A drop runs them apart (``reconfigure.drop``): 1-3 on the engine thread
 with nothing else running, then 4 on a helper thread while the group already serves; it moves
 the KV over the epoch's second link, so an activation never queues behind a KV chunk. Since
@@ -36,9 +37,11 @@ has already queued: it cannot wait on another member's helper thread.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +181,25 @@ class KVMove:
         self._receives = None  # its buffers: the staging, a drop's freed parameters
         self.stats.release_seconds = time.perf_counter() - start
         return self.stats.release_seconds
+
+
+def release_in_background(move: KVMove, done: Callable[[float], None]) -> None:
+    """``move.release()`` on a helper thread at the lowest priority, then ``done`` with
+    the seconds it took."""
+    def run() -> None:
+        lower_this_threads_priority()
+        done(move.release())
+
+    threading.Thread(target=run, name="kv-release", daemon=True).start()
+
+
+def lower_this_threads_priority() -> None:
+    """Nice 19 for the calling thread alone (Linux: a thread id is a process id to
+    ``setpriority``); elsewhere, or when refused, nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
 
 def _slot(geometry: KVGeometry) -> tuple[int, ...]:

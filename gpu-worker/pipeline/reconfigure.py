@@ -72,7 +72,14 @@ from kunserve.worker.memory_budget import MemoryPlan, plan_memory
 from kunserve.worker.model.llama import LlamaStage
 from kunserve.worker.model_config import ModelConfig
 from kunserve.worker.model_runner import ModelRunner
-from kunserve.worker.pipeline.kv_transfer import KVMove, MoveStats, move_kv, start_move
+from kunserve.worker.pipeline.kv_transfer import (
+    KVMove,
+    MoveStats,
+    lower_this_threads_priority,
+    move_kv,
+    release_in_background,
+    start_move,
+)
 from kunserve.worker.pipeline.leader_runner import LeaderRunner
 from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError, close_in_background
 from kunserve.worker.pipeline.stage_messages import (
@@ -179,6 +186,7 @@ class KVExchange:
             if self._on_done is not None:
                 self._on_done(self)
             # the dropped layers' memory goes last, off the path of the requests waiting
+            lower_this_threads_priority()
             self._phases["release"] = move.release()
 
     def wait_landed(self, chunks: list[ScheduledChunk]) -> bool:
@@ -308,7 +316,7 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         else:
             membership.moved = move.finish()
             phases["exchange"] = membership.moved.seconds
-            phases["release"] = move.release()
+            release_in_background(move, lambda seconds: phases.__setitem__("release", seconds))
     except StageLinkError as exc:
         fall_back(engine, membership, held)
         raise GroupFailed(f"the group broke during the KV exchange: {exc}") from None

@@ -404,8 +404,8 @@ _ROWS = [("prepare", "prepare_at", "StageLink at the TCPStore (meet), before the
          ("free", "free", "let the other layers go, install the new runner"),
          ("KV exchange", "exchange", "pack, re-read the cache (grow), send/recv"),
          ("drop total", "total", "handover + free + exchange + stage runner"),
-         ("release params", "release", "the dropped layers' memory back to the kernel, "
-                                       "once the exchange is reported"),
+         ("release params", "release", "the dropped layers' memory back to the kernel: "
+                                       "after the exchange, a low-priority thread"),
          ("first pipelined step (leader)", "first_step_s", "fill g micro-batches, collect one"),
          ("restore: pull layers", "restore_layers", "every member gets the whole model, "
                                                     "while the group serves"),
