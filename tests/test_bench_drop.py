@@ -102,6 +102,11 @@ def test_exchange_and_raw_link_move_the_same_bytes(drop_run):
     assert 0 < r["all_in_s"] <= max(e["exchange_s"] for e in exchange)
     assert r["exchange_gb_s"] == pytest.approx(
         sum(e["bytes_sent"] for e in exchange) / r["all_in_s"] / 1e9)
+    # the exchange replayed between the raw rounds moves the drop's bytes once per round
+    assert r["replay_bytes_sent"] == sum(e["bytes_sent"] for e in exchange)
+    assert len(r["replay_rounds_s"]) == len(r["raw_rounds_s"]) and min(r["replay_rounds_s"]) > 0
+    assert r["replay_vs_raw"] == pytest.approx(
+        r["replay_bytes_sent"] / min(r["replay_rounds_s"]) / 1e9 / r["raw_gb_s"])
     assert min(r["raw_rounds_s"]) == pytest.approx(max(e["raw_s"] for e in exchange))
     assert all(e["exchange_cpu_s"] > 0 and e["raw_cpu_s"] > 0 for e in exchange)
     assert r["raw_vs_exchange_cpu"] == pytest.approx(
