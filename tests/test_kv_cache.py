@@ -97,7 +97,7 @@ def _faults_while(write) -> int:
 
 def test_committed_blocks_take_no_page_fault_on_their_first_write():
     """Attention reads whole blocks before their slots are written. A committed block's
-    first write after that read costs no fault; an uncommitted one faults on every page (the
+    first write after that read costs no fault; an uncommitted one faults on its pages (the
     copy of the kernel's zero page, the slow path ``commit_through`` is for)."""
     geometry = KVGeometry(layers_held=4, block_size=16, num_kv_heads=2, head_dim=64,
                           dtype_bytes=4)  # 64 KiB blocks: 16 pages each

@@ -26,10 +26,11 @@ that waited for a drained fresh buffer). The staging outlives ``finish`` until
 ``KVMove.release``: a drop's staging is the parameters it frees, and giving tens of MB back
 to the kernel (``munmap``) takes milliseconds of CPU that the peers still moving bytes need,
 so the drop releases it once the exchange is reported, on a low-priority thread
-(``release_in_background``) that takes what the serving threads leave of the cores. ``move_kv`` runs both while the
-group is not serving. A drop runs them apart (``reconfigure.drop``): 1-3 on the engine thread
-with nothing else running, then 4 on a helper thread while the group already serves; it moves
-the KV over the epoch's second link, so an activation never queues behind a KV chunk. Since
+(``release_in_background``) that takes what the serving threads leave of the cores.
+``move_kv`` runs both (and the release) while the group is not serving. A drop runs them
+apart (``reconfigure.drop``): 1-3 on the engine thread with nothing else running, then 4 on a
+helper thread while the group already serves; it moves the KV over the epoch's second link, so
+an activation never queues behind a KV chunk. Since
 every member posted all its sends in 1-3, a ``finish`` only ever waits for bytes a live peer
 has already queued: it cannot wait on another member's helper thread.
 """
@@ -61,7 +62,7 @@ class MoveStats:
     bytes_copied: int = 0  # local pieces (the uneven layout, restore)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time meanwhile, every thread (gloo's too)
-    release_seconds: float = 0.0  # ``KVMove.release``: the staging given back, after
+    release_seconds: float = 0.0  # ``KVMove.release``: giving the staging back (after)
     # ``time.perf_counter`` stamps (one clock for every process of a host): a member that
     # starts first waits for the others inside its ``seconds``
     started_at: float = 0.0
