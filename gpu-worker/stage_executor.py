@@ -39,8 +39,8 @@ class StageExecutor:
         """``x``: token ids (N,) on the first stage, else the previous stage's (N, H).
         Writes this stage's layers' keys and values into the cache; returns (N, H)."""
         start = time.perf_counter()
-        if inputs.num_tokens:
-            self.kv_cache.commit_through(int(inputs.meta.slot_blocks.max()))
+        if inputs.max_block >= 0:
+            self.kv_cache.commit_through(inputs.max_block)
         hidden = self.stage(x, inputs.positions, self.kv_cache.layer_caches(), inputs.meta)
         self.busy_seconds += time.perf_counter() - start
         return hidden  # (N, H)

@@ -27,6 +27,7 @@ class StepInputs:
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # (S,) rows of the hidden states whose next token is sampled
     sampling_chunks: list[ScheduledChunk]
+    max_block: int = -1  # the highest block the step writes into (-1: none)
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +69,7 @@ def prepare_inputs(chunks: list[ScheduledChunk], block_size: int) -> StepInputs:
         meta=meta,
         sample_rows=torch.tensor(sample_rows, dtype=torch.long),  # (S,)
         sampling_chunks=[c for c in ordered if c.samples],
+        max_block=max(slot_blocks, default=-1),
     )
 
 

@@ -145,3 +145,26 @@ def test_a_kv_move_keeps_its_staging_until_release():
     assert not weak.expired()
     move.release()
     assert weak.expired()
+
+
+def test_every_step_commits_the_blocks_it_writes_first(llama_dir, monkeypatch):
+    """The engine's stage commits up to the block holding the newest token before each step
+    (here the highest block of the request's table: a fresh engine hands out ascending ids)."""
+    from kunserve.worker.engine import EngineConfig, LLMEngine
+    from kunserve.worker.sampling_params import SamplingParams
+
+    committed = []
+    commit = KVCache.commit_through
+    monkeypatch.setattr(KVCache, "commit_through",
+                        lambda self, block: committed.append(block) or commit(self, block))
+    engine = LLMEngine(EngineConfig(model=llama_dir, num_threads=1))
+    engine.add_request(list(range(5, 45)), SamplingParams(max_tokens=20, temperature=0.0,
+                                                          ignore_eos=True), "a")
+    steps = 0
+    while engine.has_unfinished():
+        engine.step()
+        table = engine.block_manager.block_table("a")
+        if table:  # still running: its blocks are this step's
+            steps += 1
+            assert committed[-1] == max(table)
+    assert steps == 19 and len(committed) == 20 and max(committed) >= 3  # 60 tokens: 4 blocks
