@@ -288,8 +288,13 @@ class WorkerServer:
                       await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort),
                       await self.nc.subscribe(Subjects.control(self.instance_id),
                                               cb=self._on_control)]
-        # the server has the subscriptions once it answers a ping: a request published on
-        # another connection right after the start is not lost
+        # the server has the subscriptions once it answers a ping that follows them: a request
+        # published on another connection right after the start is not lost. nats-py (2.16)
+        # writes a flush's PING straight to the socket, ahead of the subscriptions still queued
+        # for its flusher task, so one flush may come back first (seen under CPU load: the
+        # first request after a start never arrived); during its round trip the flusher writes
+        # them, and the second PING follows them
+        await self.nc.flush()
         await self.nc.flush()
         self._accepting = True
         try:
