@@ -60,6 +60,7 @@ from kunserve.protocol import (
     Subjects,
     decode,
     encode,
+    subscriptions_in_place,
 )
 from kunserve.reservations import Reservations, reservation_tokens
 from kunserve.telemetry import extract_context, request_tracer, setup_tracing
@@ -288,14 +289,8 @@ class WorkerServer:
                       await self.nc.subscribe(Subjects.ABORT, cb=self._on_abort),
                       await self.nc.subscribe(Subjects.control(self.instance_id),
                                               cb=self._on_control)]
-        # the server has the subscriptions once it answers a ping that follows them: a request
-        # published on another connection right after the start is not lost. nats-py (2.16)
-        # writes a flush's PING straight to the socket, ahead of the subscriptions still queued
-        # for its flusher task, so one flush may come back first (seen under CPU load: the
-        # first request after a start never arrived); during its round trip the flusher writes
-        # them, and the second PING follows them
-        await self.nc.flush()
-        await self.nc.flush()
+        # a request published on another connection right after the start is not lost
+        await subscriptions_in_place(self.nc)
         self._accepting = True
         try:
             await asyncio.wait_for(self._load_written.wait(), timeout=10)

@@ -40,7 +40,15 @@ from kunserve.planner.settings import PlannerSettings
 from kunserve.planner.static_pairs import StaticPairs
 from kunserve.planner.topology_publisher import TRANSIENT_ERRORS, TopologyPublisher
 from kunserve.policies import get_policy
-from kunserve.protocol import Reconfigure, ReconfigureReply, Subjects, Topology, decode, encode
+from kunserve.protocol import (
+    Reconfigure,
+    ReconfigureReply,
+    Subjects,
+    Topology,
+    decode,
+    encode,
+    subscriptions_in_place,
+)
 from kunserve.telemetry import setup_tracing
 
 logger = logging.getLogger(__name__)
@@ -66,6 +74,7 @@ class PlannerService:
         if self.auto is not None:
             await self.auto.start(topology)
         subscription = await self.nats.subscribe(Subjects.RECONFIGURE, cb=self._on_reconfigure)
+        await subscriptions_in_place(self.nats)
         logger.info("planner up: topology epoch %d, %d instances, automatic planning: %s",
                     topology.epoch, len(topology.instances),
                     type(self.auto).__name__ if self.auto is not None else "off")

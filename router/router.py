@@ -47,6 +47,7 @@ from kunserve.protocol import (
     Topology,
     decode,
     encode,
+    subscriptions_in_place,
 )
 from kunserve.reservations import Reservations, reservation_tokens
 from kunserve.router.load_balancer import dispatch_order
@@ -93,6 +94,7 @@ class Router:
         await self.nc.subscribe(Subjects.TOPOLOGY, cb=self._on_topology)
         self._subscription = await self.nc.subscribe(
             Subjects.GENERATE, queue=Subjects.ROUTER_QUEUE, cb=self._on_message)
+        await subscriptions_in_place(self.nc)  # started: a request sent now is routed
         logger.info("router consuming %s (queue %s)", Subjects.GENERATE, Subjects.ROUTER_QUEUE)
 
     async def stop(self) -> None:

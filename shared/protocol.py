@@ -34,6 +34,17 @@ import msgspec
 T = TypeVar("T")
 
 
+async def subscriptions_in_place(nc) -> None:
+    """Return once the NATS server holds every subscription client ``nc`` has made, so that a
+    message another connection publishes from now on reaches them. One ``flush`` is not
+    enough with nats-py 2.16: it writes its PING straight to the socket, ahead of the SUBs
+    still queued for the client's flusher task, so the PONG can come back first (seen under
+    CPU load: a worker's first request after its start never arrived). During the first
+    round trip the flusher writes the SUBs; the second PING follows them."""
+    await nc.flush()
+    await nc.flush()
+
+
 class Subjects:
     GENERATE = "kunserve.generate"
     ABORT = "kunserve.abort"

@@ -26,7 +26,7 @@ that waited for a drained fresh buffer). The staging outlives ``finish`` until
 ``KVMove.release``: a drop's staging is the parameters it frees, and giving tens of MB back
 to the kernel (``munmap``) takes milliseconds of CPU that the peers still moving bytes need,
 so the drop releases it once the exchange is reported, on a low-priority thread
-(``release_in_background``) that takes what the serving threads leave of the cores.
+(``lower_this_threads_priority``) that takes what the serving threads leave of the cores.
 ``move_kv`` runs both (and the release) while the group is not serving. A drop runs them
 apart (``reconfigure.drop``): 1-3 on the engine thread with nothing else running, then 4 on a
 helper thread while the group already serves; it moves the KV over the epoch's second link, so
@@ -42,7 +42,6 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +61,6 @@ class MoveStats:
     bytes_copied: int = 0  # local pieces (the uneven layout, restore)
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time meanwhile, every thread (gloo's too)
-    release_seconds: float = 0.0  # ``KVMove.release``: giving the staging back (after)
     # ``time.perf_counter`` stamps (one clock for every process of a host): a member that
     # starts first waits for the others inside its ``seconds``
     started_at: float = 0.0
@@ -177,21 +175,10 @@ class KVMove:
 
     def release(self) -> float:
         """Let the staging go (after ``finish``, or after it failed); returns the seconds
-        that took, also in ``stats.release_seconds``."""
+        that took."""
         start = time.perf_counter()
         self._receives = None  # its buffers: the staging, a drop's freed parameters
-        self.stats.release_seconds = time.perf_counter() - start
-        return self.stats.release_seconds
-
-
-def release_in_background(move: KVMove, done: Callable[[float], None]) -> None:
-    """``move.release()`` on a helper thread at the lowest priority, then ``done`` with
-    the seconds it took."""
-    def run() -> None:
-        lower_this_threads_priority()
-        done(move.release())
-
-    threading.Thread(target=run, name="kv-release", daemon=True).start()
+        return time.perf_counter() - start
 
 
 def lower_this_threads_priority() -> None:

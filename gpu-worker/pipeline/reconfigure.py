@@ -77,7 +77,6 @@ from kunserve.worker.pipeline.kv_transfer import (
     MoveStats,
     lower_this_threads_priority,
     move_kv,
-    release_in_background,
     start_move,
 )
 from kunserve.worker.pipeline.leader_runner import LeaderRunner
@@ -185,9 +184,7 @@ class KVExchange:
             self._done.set()
             if self._on_done is not None:
                 self._on_done(self)
-            # the dropped layers' memory goes last, off the path of the requests waiting
-            lower_this_threads_priority()
-            self._phases["release"] = move.release()
+            _release(move, self._phases)  # last, off the path of the requests waiting
 
     def wait_landed(self, chunks: list[ScheduledChunk]) -> bool:
         """A member's stage, before it runs a micro-batch of ``chunks`` (the leader sends the
@@ -227,6 +224,13 @@ class KVExchange:
         if self.adopted:
             return []
         return [s for rid, s in self.held.items() if rid not in self.cancelled]
+
+
+def _release(move: KVMove, phases: dict[str, float]) -> None:
+    """Give the dropped layers' memory (the move's staging) back at the lowest priority, on
+    the calling thread, once the exchange is reported (phase ``release``)."""
+    lower_this_threads_priority()
+    phases["release"] = move.release()
 
 
 # -- drop ---------------------------------------------------------------------------------------
@@ -316,7 +320,8 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         else:
             membership.moved = move.finish()
             phases["exchange"] = membership.moved.seconds
-            release_in_background(move, lambda seconds: phases.__setitem__("release", seconds))
+            threading.Thread(target=_release, args=(move, phases), name="kv-release",
+                             daemon=True).start()
     except StageLinkError as exc:
         fall_back(engine, membership, held)
         raise GroupFailed(f"the group broke during the KV exchange: {exc}") from None
