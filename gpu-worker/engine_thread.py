@@ -382,6 +382,7 @@ class EngineThread:
                     layer_link: StageLink | None) -> dict:
         if self._membership is not None:
             raise ValueError(f"already in group {self.role.group_id}")
+        await self._serve_until_leader(engine, link)
         before = set(engine.scheduler.requests)
         try:
             membership = reconfigure.drop(engine, link, group_id, layer_link,
@@ -396,6 +397,15 @@ class EngineThread:
         if membership.stage_runner is not None:
             self._stage_task = asyncio.create_task(self._serve_stage(engine, membership))
         return membership.phases
+
+    async def _serve_until_leader(self, engine: LLMEngine, link: StageLink) -> None:
+        """A member that got the commit before the group's leader entered the drop serves
+        on solo until it has (``reconfigure.leader_entered``), for at most the link's
+        timeout, after which the drop's own wait for the leader fails the join."""
+        deadline = time.monotonic() + link.timeout.total_seconds()
+        while (engine.has_unfinished() and not reconfigure.leader_entered(link)
+               and time.monotonic() < deadline):
+            await self._step(engine)
 
     async def _migrate(self, engine: LLMEngine, command: GroupCommand) -> None:
         """The llumnix policy: hand running requests (with their KV) to, or take them from,
@@ -595,6 +605,7 @@ def snapshot_load(engine: LLMEngine, instance_id: str, role: Role | None = None,
         waiting=scheduler.num_waiting,
         blocks_total=usage.total, blocks_used=usage.used, block_size=blocks.block_size,
         queued_tokens=sum(r.num_uncomputed_tokens for r in scheduler.waiting),
+        kv_bound=int(scheduler.kv_bound),
         num_preemptions=scheduler.num_preemptions, num_swaps=scheduler.num_swaps,
         swap_bytes=sum(space.bytes_copied for space in swaps),
         swap_seconds=sum(space.seconds for space in swaps), updated_at=time.time(),

@@ -31,7 +31,10 @@ class LoadReport:
 class LoadWriter:
     """Writes load reports to Redis one at a time, off the pump: a slow Redis delays the
     load, never the tokens. Reports that pile up coalesce (the newest load wins, releases
-    add up); a failed write hands its releases to the next report."""
+    add up); a failed write hands its releases to the next report. Nothing is written before
+    ``open``: the load key tells the router and the gateway that the instance takes
+    requests, so it must not appear before the worker's subscriptions are in place (a
+    request published before then would be lost)."""
 
     def __init__(self, redis: aioredis.Redis, reservations: Reservations, instance_id: str,
                  liveness_ttl_ms: int, on_written: Callable[[], None]) -> None:
@@ -41,13 +44,23 @@ class LoadWriter:
         self._pending: LoadReport | None = None
         self._carry = [0, 0]  # releases of failed writes
         self._task: asyncio.Task | None = None
+        self._open = False
 
     def submit(self, report: LoadReport) -> None:
         if self._pending is not None:
             report.released_tokens += self._pending.released_tokens
             report.released_requests += self._pending.released_requests
         self._pending = report
-        if self._task is None or self._task.done():
+        self._start()
+
+    def open(self) -> None:
+        """Start writing (the newest report submitted so far goes first)."""
+        self._open = True
+        self._start()
+
+    def _start(self) -> None:
+        if self._open and self._pending is not None and (self._task is None
+                                                         or self._task.done()):
             self._task = asyncio.create_task(self._write_pending())
 
     async def close(self) -> None:

@@ -71,6 +71,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # the last schedule held a request back for want of free KV blocks (the head of the
+        # queue, a swapped or running one short of blocks, a preemption): the planner's sign
+        # that memory, not the step's budget, keeps the queue waiting (``InstanceLoad``)
+        self.kv_bound = False
         self._finished_since_step: list[str] = []
         self._capped: list[Request] = []  # finished by schedule() for want of any block
         # scheduled and not yet back through update_from_output: the requests, how many of
@@ -236,11 +240,13 @@ class Scheduler:
         allowed = None if piece is None else {w.request_id: w.num_tokens for w in piece}
         seats = self._seats() if allowed is None else self.config.max_num_seqs
         budget = self._schedule_running(out, self.token_budget, seats, allowed)
+        self.kv_bound = budget is None or bool(out.preempted)
         if self._cap_outputs is not None:  # the running requests alone
             self._cap_outputs -= bool(out.chunks)
             return out
         if budget is not None and not out.preempted:
             budget = self._schedule_swapped(out, budget, seats)
+            self.kv_bound = budget is None
         if budget is not None and not out.preempted and not self.swapped:
             self._schedule_waiting(out, budget, seats, allowed)
         if piece is not None and [(c.request_id, c.start_position, c.num_tokens)
@@ -397,8 +403,11 @@ class Scheduler:
             num_new = min(request.num_uncomputed_tokens, budget)
             if allowed is not None:
                 num_new = min(allowed.get(request.request_id, 0), num_new)
-            if num_new <= 0 or not self.block_manager.allocate(request.request_id,
+            if num_new <= 0:
+                break
+            if not self.block_manager.allocate(request.request_id,
                                                request.num_computed_tokens + num_new):
+                self.kv_bound = True
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING

@@ -64,7 +64,6 @@ from kunserve.protocol import (
 )
 from kunserve.reservations import Reservations, reservation_tokens
 from kunserve.telemetry import extract_context, request_tracer, setup_tracing
-from kunserve.worker.checkpoint import TORCH_DTYPES
 from kunserve.worker.engine import RequestOutput
 from kunserve.worker.engine_thread import (
     AbortCommand,
@@ -80,8 +79,8 @@ from kunserve.worker.engine_thread import (
     RoleChanged,
 )
 from kunserve.worker.load_writer import LoadReport, LoadWriter
-from kunserve.worker.model_config import ModelConfig
-from kunserve.worker.pipeline.stage_link import FRAME_BYTES, StageLink, frame_bytes_for, meet
+from kunserve.worker.pipeline.group_member import activation_frame_bytes
+from kunserve.worker.pipeline.stage_link import FRAME_BYTES, StageLink, meet
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.settings import WorkerSettings
 
@@ -266,10 +265,8 @@ class WorkerServer:
         self._engine = EngineThread(self.settings, publisher)
         try:
             self.memory_report = await asyncio.wrap_future(self._engine.start())
-            model = ModelConfig.from_dir(self.settings.model)
             # every member of a group serves the same checkpoint and dtype: same frames
-            self._frame_bytes = frame_bytes_for(model.hidden_size,
-                                                TORCH_DTYPES[self.settings.dtype].itemsize)
+            self._frame_bytes = activation_frame_bytes(self.settings.model, self.settings.dtype)
             await self._connect()
         except BaseException:
             self._accepting = False
@@ -292,6 +289,7 @@ class WorkerServer:
         # a request published on another connection right after the start is not lost
         await subscriptions_in_place(self.nc)
         self._accepting = True
+        self._writer.open()  # only now does the load key say this instance takes requests
         try:
             await asyncio.wait_for(self._load_written.wait(), timeout=10)
         except TimeoutError:

@@ -39,6 +39,7 @@ class GroupDemand:
     blocks_used: int
     queued_blocks: int  # what the queued (and reserved) requests need to start
     waiting: int  # queued requests, reserved ones included
+    kv_bound: bool = False  # the leader's last step held a request back for want of blocks
 
     @property
     def free_blocks(self) -> int:
@@ -63,13 +64,18 @@ class GroupDemand:
 
     def overloaded(self, usage_threshold: float) -> bool:
         """The queued requests do not fit the free blocks, and memory is what holds them back:
-        the cache is at least ``usage_threshold`` used, or its free blocks cannot take even an
-        average queued request (a small cache with long prompts is full well below the
-        threshold). A queue that only waits for the next step's batch is no overload."""
+        the leader's last step held a request back for want of blocks, or the cache is at
+        least ``usage_threshold`` used, or its free blocks cannot take even an average queued
+        request (a small cache with long prompts is full well below the threshold). A queue
+        that only waits for the next step's batch is no overload; one the last step could not
+        admit still is in the report written after requests finished and freed their blocks,
+        before the next step admits from it (without ``kv_bound`` the overload would blink
+        off at every completion, and a window would rarely fill)."""
         if self.queued_blocks <= self.free_blocks:
             return False
         next_request = self.queued_blocks / max(1, self.waiting)
-        return self.usage >= usage_threshold or self.free_blocks < next_request
+        return (self.kv_bound or self.usage >= usage_threshold
+                or self.free_blocks < next_request)
 
 
 def group_demands(topology: Topology, loads: Mapping[str, InstanceLoad],
@@ -117,7 +123,8 @@ def _demand(group_id: str, members: tuple[str, ...], state: str, load: InstanceL
     return GroupDemand(group_id=group_id, members=members, state=state,
                        block_size=load.block_size, blocks_total=load.blocks_total,
                        blocks_used=load.blocks_used, queued_blocks=queued,
-                       waiting=load.waiting + max(0, reserved.requests))
+                       waiting=load.waiting + max(0, reserved.requests),
+                       kv_bound=bool(load.kv_bound))
 
 
 _NOTHING = Reserved()

@@ -40,7 +40,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from kunserve.policies import DEFAULT_POLICY, get_policy
 from kunserve.protocol import RedisKeys, Topology, decode
-from kunserve.servers import ServerError, ServerProcess, start_nats, start_redis
+from kunserve.servers import ServerError, ServerProcess, free_port, start_nats, start_redis
 
 TINY_MODEL_NAME = "tiny-llama"
 #: make_tiny_model arguments of the embedded model: a bit larger than its defaults.
@@ -270,11 +270,13 @@ class Launcher:
 
     def _start_servers(self) -> tuple[str, str]:
         nats_url, redis_url = self.config.nats_url, self.config.redis_url
+        # the gateway binds its port last: no server may take it meanwhile
+        avoid = {self.config.port}
         if nats_url is None:
-            self.servers.append(_start_nats())
+            self.servers.append(_start_nats(free_port(avoid)))
             nats_url = self.servers[-1].url
         if redis_url is None:
-            self.servers.append(_start_redis())
+            self.servers.append(_start_redis(free_port(avoid)))
             redis_url = self.servers[-1].url
         self._say(f"servers up: {nats_url}, {redis_url}")
         return nats_url, redis_url
@@ -424,12 +426,12 @@ class Launcher:
 _SERVER_POPEN = {"process_group": 0}
 
 
-def _start_nats() -> ServerProcess:
-    return start_nats(popen_kwargs={**_SERVER_POPEN, "preexec_fn": _die_with_parent})
+def _start_nats(port: int) -> ServerProcess:
+    return start_nats(port, popen_kwargs={**_SERVER_POPEN, "preexec_fn": _die_with_parent})
 
 
-def _start_redis() -> ServerProcess:
-    return start_redis(popen_kwargs={**_SERVER_POPEN, "preexec_fn": _die_with_parent})
+def _start_redis(port: int) -> ServerProcess:
+    return start_redis(port, popen_kwargs={**_SERVER_POPEN, "preexec_fn": _die_with_parent})
 
 
 _LIBC = ctypes.CDLL(None) if sys.platform == "linux" else None

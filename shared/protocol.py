@@ -141,6 +141,7 @@ class InstanceLoad(msgspec.Struct, kw_only=True):
     blocks_used: int = 0
     block_size: int = 16
     queued_tokens: int = 0  # prompt tokens of waiting requests not yet computed
+    kv_bound: int = 0  # 1: the last step held a request back for want of free KV blocks
     num_preemptions: int = 0
     num_swaps: int = 0  # preemptions that swapped KV to host memory (infercept policy)
     swap_bytes: int = 0  # KV bytes copied to and from host memory so far

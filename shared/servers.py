@@ -22,10 +22,15 @@ class ServerError(RuntimeError):
     """A server binary is missing or did not come up."""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def free_port(avoid: frozenset[int] | set[int] = frozenset()) -> int:
+    """A loopback port free now, other than ``avoid`` (ports promised to a process that has
+    not bound them yet: the kernel may hand the same one out again)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def find_binary(name: str) -> str:

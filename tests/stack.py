@@ -62,6 +62,15 @@ class Up:
             self.process.wait()
 
 
+def log_tail(state_dir: Path, service: str, lines: int = 30) -> str:
+    """The last lines of a ``kunserve up`` service's log under ``state_dir`` (for a failing
+    assertion's message)."""
+    found = sorted((state_dir / "logs").glob(f"*/{service}.log"))
+    if not found:
+        return f"(no {service}.log under {state_dir})"
+    return "\n".join(found[-1].read_text(errors="replace").splitlines()[-lines:])
+
+
 def assert_all_gone(processes: list[psutil.Process], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     left = processes

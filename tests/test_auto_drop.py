@@ -17,7 +17,7 @@ import pytest
 
 from kunserve.ledger import PlanLedger
 from tests.conftest import hf_greedy, make_prompts
-from tests.stack import running_stack
+from tests.stack import log_tail, running_stack
 from tests.test_mesh_drop import TOKEN, cluster, wait_for_states
 
 MAX_TOKENS = 64
@@ -80,7 +80,8 @@ def state_changes(seen: list[tuple[int, dict]], instance: str) -> list[str]:
     return states
 
 
-async def burst_then_idle(url: str, model_dir: str, instances: int) -> tuple[list, str]:
+async def burst_then_idle(url: str, model_dir: str, instances: int,
+                          state_dir) -> tuple[list, str]:
     async with httpx.AsyncClient(base_url=url, timeout=180) as client:
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         solo = await wait_for_states(client, "solo", instances)
@@ -101,7 +102,8 @@ async def burst_then_idle(url: str, model_dir: str, instances: int) -> tuple[lis
         deadline = asyncio.get_running_loop().time() + 60
         while not (len(seen) > 1 and set(seen[-1][1].values()) == {"solo"}
                    and any("pipelined" in view.values() for _, view in seen)):
-            assert asyncio.get_running_loop().time() < deadline, seen[-5:]
+            assert asyncio.get_running_loop().time() < deadline, (
+                seen[-5:], log_tail(state_dir, "planner"))
             await asyncio.sleep(0.1)
         await asyncio.sleep(1.5)  # and nothing more happens
         stop.set()
@@ -119,9 +121,9 @@ async def burst_then_idle(url: str, model_dir: str, instances: int) -> tuple[lis
 @pytest.mark.parametrize("instances", [2, 4], ids=["2-instances", "4-instances"])
 def test_a_burst_drops_by_itself_and_idle_restores_by_itself(model_dir, tmp_path, instances):
     with running_stack(model_dir, tmp_path, instances=instances, admin_token=TOKEN,
-                       memory_per_instance=budget(model_dir), overload_window=0.2,
+                       memory_per_instance=budget(model_dir), overload_window=0.1,
                        restore_window=1.0) as (_, url):
-        seen, metrics = asyncio.run(burst_then_idle(url, model_dir, instances))
+        seen, metrics = asyncio.run(burst_then_idle(url, model_dir, instances, tmp_path))
         plans = asyncio.run(read_plans(tmp_path))
 
     epochs = [epoch for epoch, _ in seen]

@@ -11,8 +11,8 @@ import pytest
 from kunserve.cli import main
 
 ROWS = ["prepare", "handover", "free", "KV exchange", "drop total", "release params",
-        "first pipelined step (leader)", "restore: pull layers", "restore: KV exchange",
-        "restore total"]
+        "first stage ahead (leader)", "first pipelined step (leader)", "restore: pull layers",
+        "restore: KV exchange", "restore total"]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def drop_runs(tmp_path_factory) -> tuple[str, list[dict]]:
     out, text = root / "drop.json", io.StringIO()
     with contextlib.redirect_stdout(text):
         code = main(["bench", "drop", "--model", str(model), "--instances", "2",
-                     "--requests-per-instance", "2", "--prompt-len", "12", "--output-len", "32",
+                     "--requests-per-instance", "2", "--prompt-len", "12", "--output-len", "64",
                      "--steps", "3", "--queued-per-instance", "2", "--json",
                      str(out)])
     assert code == 0, text.getvalue()
@@ -51,7 +51,7 @@ def test_the_table_has_every_section(drop_run):
                  "drop", "solo (2 instances side by side)", "pipelined (one 2-stage group)",
                  "pipelined / solo TPOT", "share this machine's", "CPU time (every thread"):
         assert line in text, line
-    assert text.count("every request got all 32 tokens: yes") == 2
+    assert text.count("every request got all 64 tokens: yes") == 2
     assert "the layer pull overlapped" in text
     assert "KV exchange overlapped with serving vs before it" in text  # side by side
     for mode in ("overlapped", "before serving"):
@@ -63,6 +63,9 @@ def test_queued_requests_are_served_and_timed_from_the_drop(drop_run):
     queued = r["queued"]
     assert queued["count"] == 2 * 2
     assert 0 < queued["first_token_p50_s"] <= queued["first_token_max_s"]
+    # they are done before the pipelined window, which holds decodes of the moved requests
+    # only, as the solo one does
+    assert r["queued_left_in_window"] == 0
     # overlapped: one micro-batch of the leader's own moved requests went out at the drop
     assert queued["sent_at_drop"] == (0 if r["exchange_mode"] == "before serving" else 1)
     if r["exchange_mode"] == "before serving":
@@ -183,7 +186,7 @@ def test_repeated_runs_are_summed_up_by_median_and_range(tmp_path):
     out, text = tmp_path / "drop.json", io.StringIO()
     with contextlib.redirect_stdout(text):
         code = main(["bench", "drop", "--model", str(model), "--instances", "2",
-                     "--requests-per-instance", "2", "--prompt-len", "12", "--output-len", "32",
+                     "--requests-per-instance", "2", "--prompt-len", "12", "--output-len", "64",
                      "--steps", "3", "--queued-per-instance", "0", "--exchange", "before",
                      "--repeat", "2", "--json", str(out)])
     printed = text.getvalue()
@@ -234,14 +237,14 @@ def test_a_member_serves_until_the_commit_or_says_how_long_it_idled(spare):
 
     import torch.distributed as dist
 
-    from kunserve.bench.drop import PULL_TOKENS, DropBenchSpec, _Member
+    from kunserve.bench.drop import DropBenchSpec, _Member, tokens_kept
     from kunserve.worker.engine import RequestOutput
 
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=30))
     spec = DropBenchSpec("unused", 2, 1, 8, output_len=1000, steps=4, threads=1)
     member = _Member(spec, store.port, 0)
-    keep = spec.steps + 3 + PULL_TOKENS
+    keep = tokens_kept(spec)
     if spare is not None:  # tokens already out: ``spare`` left beyond what comes after
         member.tokens["r"] = [(0.0, "solo")] * (spec.output_len - keep - spare)
 

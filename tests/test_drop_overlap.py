@@ -4,8 +4,8 @@ Two spawned processes each serve their own requests solo, then drop into one gro
 epoch's second link (``reconfigure.drop(..., layer_link)``), as a worker does. Rank 1's half
 of the exchange (``KVMove.finish``) is held back until the leader has looked a few times, so
 the test shows, not hopes, the order the leader serves in: at the drop, one micro-batch of the
-leader's own requests goes out (their first stage's KV never moved) and waits on rank 1 for
-its slices; then, while the KV moves, nothing else runs, neither rank 1's requests nor the ones
+leader's own requests goes out (their first stage's KV never moved; rank 1 enters the drop
+late, so the leader computed that stage while it waited) and waits on rank 1 for its slices; then, while the KV moves, nothing else runs, neither rank 1's requests nor the ones
 queued at the drop (the moved ones go first, and the exchange keeps the cores); once the KV is
 in place, every moved request has its first token before or with the queued ones' first. Then every request's tokens, across solo, group
 and solo again, must be exactly transformers' greedy tokens; a request aborted while held
@@ -32,13 +32,14 @@ MAX_TOKENS = 16
 SOLO_STEPS = 4
 HANDSHAKE_S = 0.3  # rank 1 writes its slices this long after the leader stepped
 HELD_STEPS = 5  # the leader's looks while the KV moves
+LATE_S = 0.2  # rank 1 enters the drop this late
 PHASES = ("solo", "group", "solo again")
 LLAMA = dict(arch="llama", layers=4, hidden_size=64, heads=4, kv_heads=2,
              intermediate_size=128, vocab_size=512, seed=5)
 
 
 def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, list[int]],
-                queued: dict[str, list[int]], mode: str, results: mp.Queue) -> None:
+                queued: dict[str, list[int]], mode: str, late: int, results: mp.Queue) -> None:
     import os
 
     from kunserve.worker.engine import LLMEngine
@@ -81,7 +82,12 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
         if rank == 0:
             for rid, prompt in queued.items():  # queued at the drop: no KV anywhere
                 engine.add_request(prompt, params, rid)
+        if rank == late:  # still in its last solo step (rank 1: the leader computes its
+            time.sleep(LATE_S)  # requests' first stage meanwhile)
         membership = reconfigure.drop(engine, link, "g1", layer_link)
+        if rank == 0:
+            report["rows_ahead_used"] = engine.runner.rows_ahead_used
+            report["ahead_s"] = membership.phases.get("first_stage_ahead")
         if rank == 1:
             begin = membership.stage_runner.run()
             if begin is not None:
@@ -150,10 +156,11 @@ def model(tmp_path_factory) -> str:
     return str(make_tiny_model(tmp_path_factory.mktemp("overlap") / "llama4", **LLAMA))
 
 
-def run_pair(model: str, mode: str):
+def run_pair(model: str, mode: str, late: int = 1):
     prompts = make_prompts(7, vocab=500, seed=4, lengths=[6, 21, 13, 30, 9, 17, 25])
-    share = {0: {"a0": prompts[0], "a1": prompts[1]},
-             1: {"b0": prompts[2], "b1": prompts[3], "b2": prompts[4]}}
+    # a1's next token (13 + SOLO_STEPS tokens) is the first of a new block
+    share = {0: {"a0": prompts[0], "a1": prompts[2]},
+             1: {"b0": prompts[1], "b1": prompts[3], "b2": prompts[4]}}
     queued = {"q0": prompts[5], "q1": prompts[6]}
     ctx = mp.get_context("spawn")
     store = dist.TCPStore(HOST, 0, is_master=True, wait_for_workers=False,
@@ -162,7 +169,7 @@ def run_pair(model: str, mode: str):
     config = EngineConfig(model=model, num_threads=1)
     processes = [ctx.Process(target=member_main, daemon=True,
                              args=(store.port, r, config, share[r], queued if r == 0 else {},
-                                   mode, results))
+                                   mode, late, results))
                  for r in range(2)]
     for process in processes:
         process.start()
@@ -185,6 +192,9 @@ def test_the_moved_requests_go_first_and_nothing_runs_while_their_kv_moves(model
     # place) went out as one micro-batch during the drop, and nothing else
     assert leader["held"] == ["b0", "b1", "b2"]
     assert leader["in_flight_at_drop"] == [["a0", "a1"]]
+    # their first stage ran while the leader waited for rank 1, before the group formed:
+    # the micro-batch took those rows (a1's token needed a new block then)
+    assert leader["rows_ahead_used"] == 2 and leader["ahead_s"] > 0
     assert leader["exchange_done_while_held"] is False  # it waited during the exchange
     assert leader["waits_for_kv"] == [True] * HELD_STEPS  # no step: it would wait for rank 1
     assert leader["budget_while_held"] == [0] * HELD_STEPS  # not even the queued requests
@@ -208,6 +218,24 @@ def test_the_moved_requests_go_first_and_nothing_runs_while_their_kv_moves(model
             assert merged[rid] == expected[:SOLO_STEPS], rid
         else:
             assert merged[rid] == expected, rid
+
+
+def test_a_leader_that_came_last_computes_its_requests_first_stage_at_the_drop(model):
+    """The leader entered the drop after rank 1: nothing was computed ahead, so the
+    micro-batch of its own requests runs its first stage during the drop (keeping them
+    back until the exchange is over, behind the held ones, made their gap 2-3x longer in
+    ``kunserve bench drop``); every token is still transformers'."""
+    merged, prompt_of, leader = run_pair(model, "hold", late=0)
+    assert leader["held"] == ["b0", "b1", "b2"]
+    assert leader["in_flight_at_drop"] == [["a0", "a1"]]
+    assert leader["rows_ahead_used"] == 0 and leader["ahead_s"] is None
+    assert leader["budget_while_held"] == [0] * HELD_STEPS  # nothing else runs
+    assert leader["completed_after_s"] >= HANDSHAKE_S
+    assert leader["held_tables_left"] == []
+    cancelled = leader["cancelled"]
+    for rid, prompt in prompt_of.items():
+        expected = hf_greedy(model, prompt, MAX_TOKENS)
+        assert merged[rid] == (expected[:SOLO_STEPS] if rid == cancelled else expected), rid
 
 
 def test_a_member_dying_in_the_overlapped_exchange_loses_no_request(model):

@@ -115,7 +115,8 @@ def links(port: int, prefix: str) -> list[StageLink]:
 
 @contextlib.contextmanager
 def joined_pair(model: str, own: dict[int, dict[str, list[int]]], params: SamplingParams,
-                release: threading.Event):
+                release: threading.Event, leader_late_s: float = 0.0,
+                seen: dict | None = None):
     """Two engine threads (ranks 0 and 1) serve their ``own`` requests solo for 3 tokens
     each, then join one group as the worker server commands it; yields once the leader has
     adopted every request (rank 1's exchange still held back until ``release``): the
@@ -139,8 +140,17 @@ def joined_pair(model: str, own: dict[int, dict[str, list[int]]], params: Sampli
         wait_for(lambda: all(len(outlets[r].tokens(rid)) >= 3
                              for r, requests in own.items() for rid in requests),
                  "three tokens of every request, solo")
-        for rank in range(2):
-            threads[rank].add(joins[rank])
+        if leader_late_s:  # rank 1 gets the commit first: it serves on solo meanwhile
+            threads[1].add(joins[1])
+            before = {rid: len(outlets[1].tokens(rid)) for rid in own[1]}
+            time.sleep(leader_late_s)
+            if seen is not None:
+                seen["solo_tokens_while_waiting"] = {
+                    rid: len(outlets[1].tokens(rid)) - n for rid, n in before.items()}
+            threads[0].add(joins[0])
+        else:
+            for rank in range(2):
+                threads[rank].add(joins[rank])
         joins[1].done.result(timeout=60)  # a follower is done once it serves its stage
         wait_for(lambda: all(any(isinstance(e, Adopted) and e.request_id == rid
                                  for e in outlets[0].events) for rid in own[1]),
@@ -222,3 +232,26 @@ def test_once_every_held_request_is_aborted_the_queue_runs_during_the_exchange(
         rank1_exchange_held.set()
         joins[0].done.result(timeout=60)
     assert outlets[0].tokens("q0") == hf_greedy(model, prompts[2], MAX_TOKENS)
+
+
+def test_a_member_committed_before_the_leader_serves_on_solo_until_it_enters(
+        model, rank1_exchange_held):
+    """Rank 1 gets its join 0.1 s before the leader does: it goes on decoding its request
+    solo meanwhile (a worker's requests get tokens rather than wait for a late leader), then
+    joins; every token is still transformers'."""
+    prompts = make_prompts(2, vocab=500, seed=13, lengths=[12, 17])
+    max_tokens = 4 * MAX_TOKENS  # a step takes a few ms here: b0 must not finish solo
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    own = {0: {"a0": prompts[0]}, 1: {"b0": prompts[1]}}
+    seen: dict = {}
+    with joined_pair(model, own, params, rank1_exchange_held, leader_late_s=0.1,
+                     seen=seen) as (outlets, _, joins):
+        assert seen["solo_tokens_while_waiting"]["b0"] >= 2
+        rank1_exchange_held.set()
+        joins[0].done.result(timeout=60)
+        for rid in ("a0", "b0"):
+            wait_for(lambda rid=rid: outlets[0].finished(rid), f"{rid} to finish")
+    merged = {"a0": outlets[0].tokens("a0"),
+              "b0": outlets[1].tokens("b0") + outlets[0].tokens("b0")}
+    for rid, prompt in (("a0", prompts[0]), ("b0", prompts[1])):
+        assert merged[rid] == hf_greedy(model, prompt, max_tokens), rid

@@ -256,3 +256,28 @@ def test_kunserve_up_serves_completions_and_stops_cleanly(launch_env):
         assert_all_gone(processes)
     finally:
         up.kill()
+
+
+def test_a_server_port_is_never_the_one_promised_to_the_gateway(monkeypatch):
+    """The gateway binds its port after the servers start: the kernel may hand that port
+    out again meanwhile (seen once: redis took it and the gateway exited), so the servers'
+    ports skip it."""
+    import kunserve.servers as servers
+
+    handed_out = iter([5000, 5000, 5001])
+
+    class Socket:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(handed_out)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(servers.socket, "socket", Socket)
+    assert servers.free_port(avoid={5000}) == 5001

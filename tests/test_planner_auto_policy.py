@@ -36,8 +36,9 @@ def solo_topology(*ids: str) -> Topology:
     return Topology(epoch=1, instances=[solo_instance(i, L) for i in ids])
 
 
-def demand(used: int, queued: int, total: int = 24, waiting: int = 0) -> GroupDemand:
-    return GroupDemand("g", ("a",), "solo", 16, total, used, queued, waiting)
+def demand(used: int, queued: int, total: int = 24, waiting: int = 0,
+           kv_bound: bool = False) -> GroupDemand:
+    return GroupDemand("g", ("a",), "solo", 16, total, used, queued, waiting, kv_bound)
 
 
 # -- demand ----------------------------------------------------------------------------------
@@ -76,6 +77,19 @@ def test_overload_is_a_queue_that_does_not_fit_in_a_mostly_used_cache():
     # a small cache held back by long prompts: 12 of 16 blocks used, 4 free, requests of 6
     assert demand(used=12, queued=12, total=16, waiting=2).overloaded(0.8)
     assert not demand(used=12, queued=12, total=16, waiting=4).overloaded(0.8)  # 3 each fit
+    # requests just finished and freed blocks; the last step could not admit the queue's
+    # head: still an overload (the next step admits some, the rest waits for memory)
+    assert demand(used=8, queued=20, total=16, waiting=4, kv_bound=True).overloaded(0.8)
+    assert not demand(used=8, queued=20, total=16, waiting=4).overloaded(0.8)
+    assert not demand(used=8, queued=8, total=16, waiting=4, kv_bound=True).overloaded(0.8)
+
+
+def test_kv_bound_goes_from_the_leaders_load_into_its_demand():
+    loads = {"w0": solo_load("w0", used=8, queued_blocks=20, kv_bound=1),
+             "w1": solo_load("w1", used=8, queued_blocks=20)}
+    w0, w1 = group_demands(solo_topology("w0", "w1"), loads)
+    assert w0.kv_bound and w0.overloaded(0.8)
+    assert not w1.kv_bound and not w1.overloaded(0.8)
 
 
 # -- the windows -----------------------------------------------------------------------------

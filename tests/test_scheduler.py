@@ -212,6 +212,33 @@ def test_fcfs_head_that_does_not_fit_blocks_everyone_behind_it():
     assert_all_blocks_free(sched)
 
 
+def test_kv_bound_says_whether_the_last_step_held_a_request_back_for_blocks():
+    """The load's ``kv_bound``: set by the step whose queue head did not fit (it stays set
+    in the report written after requests finished and freed blocks, until the next step
+    admits), clear when only seats or the budget hold the queue back."""
+    sched = make_scheduler(num_blocks=6, block_size=4)
+    add_all(sched, [make_request("a", prompt_len=12, max_tokens=2, base=1000)])  # 3 blocks
+    step(sched)
+    assert not sched.kv_bound
+    add_all(sched, [make_request("big", prompt_len=16, max_tokens=1, base=2000)])  # 4 > 3
+    step(sched)  # a finishes here, freeing its blocks: big still waits for the next step
+    assert sched.kv_bound and sched.block_manager.num_free == 6 and sched.num_waiting == 1
+    step(sched)  # big admitted
+    assert not sched.kv_bound and sched.num_waiting == 0
+
+    seats = make_scheduler(max_num_seqs=2)
+    add_all(seats, make_requests(4, prompt_len=3, max_tokens=3))
+    step(seats)
+    assert seats.num_waiting == 2 and not seats.kv_bound  # seats, not blocks
+
+    preempting = make_scheduler(num_blocks=4, block_size=4)
+    add_all(preempting, [make_request("a", prompt_len=8, max_tokens=3, ignore_eos=True),
+                         make_request("b", prompt_len=8, max_tokens=4, base=2000)])
+    step(preempting)
+    out, _ = step(preempting)
+    assert out.preempted == ["b"] and preempting.kv_bound
+
+
 def test_admission_in_arrival_order():
     sched = make_scheduler()
     add_all(sched, make_requests(4, prompt_len=3))

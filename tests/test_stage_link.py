@@ -98,6 +98,22 @@ def test_receives_posted_ahead_complete_in_order():
     assert all(torch.equal(t, torch.full((2,), float(seq))) for seq, t in received)
 
 
+def test_ranks_count_themselves_in_through_the_store():
+    counted = threading.Event()
+
+    def leader(link: StageLink):
+        before = link.arrivals("drop")
+        assert counted.wait(30)
+        return before, link.arrivals("drop"), link.arrivals("other")
+
+    def member(link: StageLink):
+        link.announce("drop")
+        counted.set()
+
+    (before, after, other), _ = _pair(leader, member)
+    assert (after, other) == (1, 0) and before in (0, 1)
+
+
 def test_replies_to_the_leader_use_their_own_smaller_frame():
     """1 KiB reply frames towards rank 0, 8 KiB frames towards rank 1: a 4 KiB tensor rides
     inside a frame to rank 1 but not inside a reply; long replies spill over, intact."""

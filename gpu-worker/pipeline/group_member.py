@@ -24,9 +24,16 @@ from kunserve.worker.layer_range import LayerRange
 from kunserve.worker.memory_budget import MemoryPlan
 from kunserve.worker.model import paged_decode
 from kunserve.worker.model_config import ModelConfig
-from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
+from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError, frame_bytes_for
 from kunserve.worker.pipeline.stage_messages import GroupWelcome, MemberHello
 from kunserve.worker.stage_executor import StageExecutor
+
+
+def activation_frame_bytes(model_dir: str, dtype: str) -> int:
+    """The frame every member of a group serving this checkpoint in this dtype uses, so that
+    a decode micro-batch's hidden states travel inside its frame (``frame_bytes_for``)."""
+    return frame_bytes_for(ModelConfig.from_dir(model_dir).hidden_size,
+                           TORCH_DTYPES[dtype].itemsize)
 
 
 @dataclass

@@ -25,11 +25,35 @@ from kunserve.worker.pipeline.stage_messages import (
     StageBatch,
     StopPipeline,
 )
-from kunserve.worker.scheduler_output import SchedulerOutput
+from kunserve.worker.scheduler_output import ScheduledChunk, SchedulerOutput
 from kunserve.worker.stage_executor import StageExecutor
 from kunserve.worker.step_inputs import prepare_inputs
 
 T = TypeVar("T")
+
+
+@dataclass
+class StageAhead:
+    """The first stage of one decode step of the leader's own requests, computed at a drop
+    while the leader waited for its members (``reconfigure``): the hidden states of each
+    request's newest token, and the token and position each row is for. A micro-batch of
+    exactly those decodes takes its rows instead of running the first stage again; its KV
+    was written into the cache when the rows were computed."""
+
+    hidden: torch.Tensor  # (N, H)
+    rows: dict[str, tuple[int, int, int]]  # request id -> (position, token id, row)
+    seconds: float = 0.0
+
+    def take(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """The rows of ``chunks`` (in their order) when each is one of these decodes, else
+        None. Rows taken are forgotten."""
+        found = [self.rows.get(c.request_id) for c in chunks]
+        if not chunks or any(row is None or row[:2] != (c.start_position, c.token_ids[0])
+                             or c.num_tokens != 1 for row, c in zip(found, chunks, strict=True)):
+            return None
+        for chunk in chunks:
+            del self.rows[chunk.request_id]
+        return self.hidden[[row[2] for row in found]]
 
 
 @dataclass
@@ -39,12 +63,17 @@ class _InFlight:
 
 
 class LeaderRunner:
-    def __init__(self, executor: StageExecutor, link: StageLink, depth: int) -> None:
+    def __init__(self, executor: StageExecutor, link: StageLink, depth: int,
+                 ahead: StageAhead | None = None) -> None:
+        """``ahead``: first-stage rows computed before the group formed, for the first
+        micro-batches that are made of them (none once one is not)."""
         if not link.is_leader or not executor.is_first or link.size < 2:
             raise ValueError("the leader runner is rank 0 of a group of 2 or more stages")
         self.executor = executor
         self.link = link
         self.depth = depth
+        self.ahead = ahead
+        self.rows_ahead_used = 0
         self.broken: StageLinkError | None = None
         self._in_flight: deque[_InFlight] = deque()
         self._finished: list[str] = []  # to tell the last rank with the next batch
@@ -55,7 +84,9 @@ class LeaderRunner:
     def submit(self, out: SchedulerOutput) -> None:
         self._check()
         inputs = prepare_inputs(out.chunks, self.executor.block_size)
-        hidden = self.executor.forward(inputs.input_ids, inputs)  # (N, H)
+        hidden = self._rows_ahead(inputs.chunks)  # rows follow the inputs' chunk order
+        if hidden is None:
+            hidden = self.executor.forward(inputs.input_ids, inputs)  # (N, H)
         batch = StageBatch(seq=self._next_seq, chunks=out.chunks,
                            finished=self._finished + out.finished)
         # its sampled tokens will come back: their receive is posted before the batch leaves
@@ -66,6 +97,18 @@ class LeaderRunner:
         self._in_flight.append(_InFlight(batch.seq, [c.request_id
                                                      for c in inputs.sampling_chunks]))
         self._next_seq += 1
+
+    def _rows_ahead(self, chunks: list[ScheduledChunk]) -> torch.Tensor | None:
+        """The rows ahead for a micro-batch of the first round (one per stage) made of them
+        alone; after that round, or once all are used, they are let go."""
+        if self.ahead is None:
+            return None
+        rows = self.ahead.take(chunks)
+        if rows is not None:
+            self.rows_ahead_used += len(rows)
+        if not self.ahead.rows or self._next_seq + 1 >= self.depth:
+            self.ahead = None
+        return rows
 
     def collect(self) -> dict[str, int]:
         self._check()

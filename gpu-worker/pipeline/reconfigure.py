@@ -16,17 +16,20 @@ beside the group: every member posts its sends and receives, the slices land on 
 thread (``KVExchange``), and the leader holds the requests whose KV moves to it (their blocks
 under a placeholder) until every member reports its slices written (``KVInPlace``, then
 ``complete_drop``). Its own requests are not held: the KV of its layers never moved, so one
-micro-batch of all of them goes out during the drop, its first stage computed while the KV
-moves, and every later stage waits for its slices before running a micro-batch that uses
-blocks they land in (``KVExchange.wait_landed``); meanwhile the leader steps no further
-(``waits_for_kv``). Moved requests go first: while their KV moves the leader serves nothing
-else (a queued prefill would take the cores from the exchange and hold their first
-micro-batch back; with none held and nothing in flight, the queued requests are served at
-once). Then, until an output of each has come back, they split evenly over the micro-batches
-(no lookahead meanwhile) and every micro-batch is capped at about the cost of one of theirs
-(``_resume_cap``), so that none of their first tokens waits while the leader's stage computes
-a queued prefill. The requests of the members that entered the drop first go first: they
-have waited longest for a token.
+micro-batch of all of them goes out during the drop, and every later stage waits for its
+slices before running a micro-batch that uses blocks they land in
+(``KVExchange.wait_landed``); meanwhile the leader steps no further (``waits_for_kv``). Their
+first stage is usually computed already: members that get the commit first serve on solo
+until the leader has entered the drop (``leader_entered``), and the leader, waiting for their
+last step, runs it solo meanwhile (``_first_stage_ahead``), rather than during the exchange,
+where it would take the cores from it. Moved requests go first: while their KV moves the
+leader serves nothing else (a queued prefill would take the cores from the exchange and hold
+their first micro-batch back; with none held and nothing in flight, the queued requests are
+served at once). Then, until an output of each has come back, they split evenly over the
+micro-batches (no lookahead meanwhile) and every micro-batch is capped at about the cost of
+one of theirs (``_resume_cap``), so that none of their first tokens waits while the leader's
+stage computes a queued prefill. The requests of the members that entered the drop first go
+first: they have waited longest for a token.
 
 ``restore``: first every member pulls the layers it dropped from the peers that hold them
 (``pull_layers``, over the epoch's second link, on a helper thread while the group keeps
@@ -79,7 +82,7 @@ from kunserve.worker.pipeline.kv_transfer import (
     move_kv,
     start_move,
 )
-from kunserve.worker.pipeline.leader_runner import LeaderRunner
+from kunserve.worker.pipeline.leader_runner import LeaderRunner, StageAhead
 from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError, close_in_background
 from kunserve.worker.pipeline.stage_messages import (
     BeginRestore,
@@ -97,6 +100,7 @@ from kunserve.worker.request import Request, RequestStatus
 from kunserve.worker.request_sampler import RequestSampler
 from kunserve.worker.scheduler_output import ScheduledChunk
 from kunserve.worker.stage_executor import StageExecutor
+from kunserve.worker.step_inputs import prepare_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -253,6 +257,13 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     solo_runner = engine.runner
     assert isinstance(solo_runner, ModelRunner) and len(engine.stages) == 1
     layers = LayerRange.for_stage(rank, size, model.num_layers)
+    ahead = None
+    if not link.is_leader:
+        link.announce("drop")
+    else:
+        link.announce("leader")  # members serve on solo until then (``leader_entered``)
+        if (link.arrivals("drop") or 0) < size - 1:  # a member is still in its solo step
+            ahead = _first_stage_ahead(engine, layers)  # before the export: tables may grow
     stage = engine.stages[0].narrow(layers)
     geometry = kv_geometry(engine.config, model, layers.size)
     plan = plan_memory(solo_memory.budget_bytes, stage.parameter_bytes(),
@@ -301,7 +312,9 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     ready = [s for s in moved if not overlap or incoming.isdisjoint(s.block_table)]
     held = [s for s in moved if overlap and not incoming.isdisjoint(s.block_table)]
     if link.is_leader:
-        engine.install(LeaderRunner(executor, link, depth=size), memory)
+        engine.install(LeaderRunner(executor, link, depth=size, ahead=ahead), memory)
+        if ahead is not None:
+            phases["first_stage_ahead"] = ahead.seconds
         moving = {s.request_id for s in held}
         engine.adopt_requests([s for s in requests if s.request_id not in moving],
                               layout.tables)
@@ -338,6 +351,49 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     if not overlap:
         phases["total"] = time.perf_counter() - start
     return membership
+
+
+def leader_entered(link: StageLink) -> bool:
+    """Member, before ``drop``: whether the leader has entered it. A member that gets there
+    first serves on solo until it has (its requests get a token rather than wait), and the
+    leader, waiting for the member's step, runs its own requests' first stage meanwhile
+    (``_first_stage_ahead``). True when the store cannot tell."""
+    if link.is_leader:
+        return True
+    entered = link.arrivals("leader")
+    return entered is None or entered > 0
+
+
+def _first_stage_ahead(engine: LLMEngine, layers: LayerRange) -> StageAhead | None:
+    """Leader, at a drop, while members are still finishing their last solo step: run the
+    first stage (``layers``) of the next decode of every running request here, solo, and
+    keep the hidden states for the group's first micro-batch (``LeaderRunner``). Its keys
+    and values land in the solo cache, in the bytes the group's cache re-reads as this
+    stage's blocks (a block for the new token is added to the request's table first, when
+    it needs one and one is free). The leader's own requests then go out without waiting
+    for their first stage, which no longer competes with the KV exchange for the cores."""
+    start = time.perf_counter()
+    blocks, chunks = engine.block_manager, []
+    for request in engine.scheduler.running:
+        rid = request.request_id
+        if request.num_uncomputed_tokens != 1 or not blocks.allocate(rid, request.num_tokens):
+            continue  # in its prefill, or no block free for its token
+        position = request.num_tokens - 1
+        chunks.append(ScheduledChunk(rid, request.token_slice(position, position + 1), position,
+                                     list(blocks.block_table(rid)), True,
+                                     request.sampling_params, []))
+    if not chunks:
+        return None
+    cache = engine.kv_caches[0]
+    inputs = prepare_inputs(chunks, cache.geometry.block_size)
+    cache.commit_through(inputs.max_block)
+    with torch.inference_mode():
+        hidden = engine.stages[0].narrow(layers)(
+            inputs.input_ids, inputs.positions, cache.layer_caches()[layers.start:layers.end],
+            inputs.meta)  # (N, H)
+    return StageAhead(hidden, {c.request_id: (c.start_position, c.token_ids[0], row)
+                               for row, c in enumerate(inputs.chunks)},
+                      time.perf_counter() - start)
 
 
 def _cap_while_held(engine: LLMEngine, ready: list[RequestState],

@@ -33,6 +33,7 @@ The link knows nothing about models or scheduling.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import functools
 import threading
@@ -233,6 +234,20 @@ class StageLink:
         will come: a receive still posted when the link closes is abandoned."""
         frame = torch.empty(self._frame_size(self.rank), dtype=torch.uint8, device=self.device)
         self._ahead[src].append((self._post(frame, src, _TAG_FRAME), frame))
+
+    # -- arrivals, through the store (no message: nothing to wait for) ---------------------
+    def announce(self, name: str) -> None:
+        """Count this rank in at ``name`` (e.g. it entered a drop); best effort."""
+        with contextlib.suppress(RuntimeError):  # the store is gone: nobody will ask
+            self._store.add(f"epoch-{self.epoch}/{name}", 1)
+
+    def arrivals(self, name: str) -> int | None:
+        """How many ranks announced ``name`` so far (None: the store did not answer).
+        Gloo cannot tell whether a message has arrived without waiting for it."""
+        try:
+            return self._store.add(f"epoch-{self.epoch}/{name}", 0)
+        except RuntimeError:
+            return None
 
     # -- tensors -----------------------------------------------------------------------------
     @_detached

@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from kunserve.worker.engine import EngineConfig
+from kunserve.worker.pipeline.group_member import activation_frame_bytes
 from kunserve.worker.pipeline.pipeline_engine import PipelineEngine
 from kunserve.worker.pipeline.stage_link import StageLink, connect_store
 from kunserve.worker.pipeline.stage_runner import StageRunner
@@ -36,6 +37,7 @@ class EpochOrder:
     size: int
     config: EngineConfig
     timeout_s: float
+    frame_bytes: int
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ def member_main(port: int, orders: mp.Queue, results: mp.Queue) -> None:
     store = connect_store(HOST, port, rank=1)
     while (order := orders.get()) is not None:
         link = StageLink(store, order.rank, order.size, order.epoch, timeout_s=order.timeout_s,
-                         bind_host=HOST)
+                         bind_host=HOST, frame_bytes=order.frame_bytes)
         try:
             StageRunner.join(order.config, link).run()
             result = EpochResult(order.epoch, order.rank)
@@ -87,9 +89,12 @@ class StagePool:
               check_members: bool = True) -> Iterator[PipelineEngine]:
         """A new epoch's group of ``size`` with this process as its leader."""
         self.epoch += 1
+        frame = activation_frame_bytes(config.model, config.dtype)  # as a worker sizes it
         for rank in range(1, size):
-            self.orders[rank - 1].put(EpochOrder(self.epoch, rank, size, config, timeout_s))
-        link = StageLink(self.store, 0, size, self.epoch, timeout_s=timeout_s, bind_host=HOST)
+            self.orders[rank - 1].put(EpochOrder(self.epoch, rank, size, config, timeout_s,
+                                                 frame))
+        link = StageLink(self.store, 0, size, self.epoch, timeout_s=timeout_s, bind_host=HOST,
+                         frame_bytes=frame)
         with PipelineEngine(config, link, num_blocks=num_blocks,
                             max_in_flight=max_in_flight) as engine:
             yield engine

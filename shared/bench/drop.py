@@ -13,15 +13,18 @@ a solo ``LLMEngine`` (default memory budget, ``--threads`` torch threads) servin
    serves until the planner's commit reaches it; the tokens past what the later phases need
    are kept for this wait, a window's worth with the default ``--output-len``; a member that
    runs out of them stops stepping, and the run reports how long before its drop, time that
-   the gap of its requests then includes) and drops
+   the gap of its requests then includes), on until the leader has entered the drop (a
+   member, as a worker does: ``reconfigure.leader_entered``), and drops
    (``reconfigure.drop``: ``Membership.phases`` handover, free, exchange and the bytes of
    ``Membership.kv_moved``), with ``--queued-per-instance`` requests queued on each member
    just before. The exchange runs beside the group as in a worker (over the second link; or
    before it serves, ``--exchange before``): the leader steps as a worker's engine thread
    does, which runs nothing while the running requests' KV moves (they go first), then
    ``complete_drop``;
-3. pipelined: the leader times its first ``step()`` after the drop, runs one more round, then
-   ``--steps`` × g timed steps (``--steps`` tokens per request); then it restores the way a
+3. pipelined: the leader times its first ``step()`` after the drop, runs one more round,
+   serves on until the requests queued at the drop are done (their prefills would otherwise
+   fall into the pipelined window and not into the solo one), then ``--steps`` × g timed
+   steps (``--steps`` tokens per request); then it restores the way a
    worker does: every member pulls the layers it dropped over the group's second link on a
    helper thread (``pull_layers``, phase restore_layers) while the group goes on serving (up
    to ``PULL_TOKENS`` tokens per request), then the leader drains and splits the group
@@ -77,6 +80,9 @@ RAW_ROUNDS = 3
 PULL_TOKENS = 16
 MEMBER_DEADLINE_S = 900.0
 QUEUED_TOKENS = 4  # output tokens of a request queued at the drop
+# tokens per moved request the leader serves at most before its timed window while the
+# requests queued at the drop are still prefilling or decoding
+QUEUED_ALLOWANCE = 24
 
 
 @dataclass(frozen=True)
@@ -183,6 +189,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def tokens_after_window(spec: DropBenchSpec) -> int:
+    """Tokens per moved request the pipelined window, the round and the drain around it,
+    the layer pull and the restore need."""
+    return spec.steps + 3 + PULL_TOKENS
+
+
+def tokens_kept(spec: DropBenchSpec) -> int:
+    """Tokens per request a member keeps when it serves on until the commit and the leader:
+    ``tokens_after_window`` and what the queued requests may take before the window."""
+    return tokens_after_window(spec) + QUEUED_ALLOWANCE
+
+
 def _check_fits(args: argparse.Namespace, model: str) -> None:
     """Refuse, before anything is spawned, requests that one solo instance cannot hold at
     their full length: the restore puts each member's share back on one."""
@@ -285,6 +303,7 @@ def summarize(spec: DropBenchSpec, num_layers: int, members: list[dict]) -> dict
         "queued": _queued(members, times),
         "pull": leader["pull"],
         "decode": _decode(spec, members, times),
+        "queued_left_in_window": leader.get("queued_left_in_window", 0),
         "kv_tokens": {"solo_per_instance": leader["solo_memory"]["blocks_total"] * block_size,
                       "group": leader["group_memory"]["blocks_total"] * block_size},
         "every_request_complete": len(counts) == spec.size * (spec.requests_per_instance
@@ -303,6 +322,8 @@ def _phases(members: list[dict]) -> dict[str, list[float]]:
             phases[name] = [m["prepare_at"][1] - last_start for m in members]
         elif key == "first_step_s":
             phases[name] = [members[0]["first_step_s"]]
+        elif key == "first_stage_ahead":  # 0: every member was there when the leader came
+            phases[name] = [members[0]["phases"].get(key, 0.0)]
         else:
             phases[name] = [m["phases"][key] for m in members]
     return phases
@@ -379,7 +400,8 @@ def _queued(members: list[dict], times: dict) -> dict:
     firsts = [min(times[rid]["group"]) - start for m in members for rid in m["queued"]]
     figures = {"count": len(firsts),
                "steps_during_exchange": members[0].get("steps_during_exchange", 0),
-               "sent_at_drop": members[0].get("sent_at_drop", 0)}
+               "sent_at_drop": members[0].get("sent_at_drop", 0),
+               "rows_ahead": members[0].get("rows_ahead", 0)}
     if firsts:
         figures.update(first_token_p50_s=statistics.median(firsts),
                        first_token_max_s=max(firsts))
@@ -416,6 +438,8 @@ _ROWS = [("prepare", "prepare_at", "StageLink at the TCPStore (meet), before the
          ("drop total", "total", "handover + free + exchange + stage runner"),
          ("release params", "release", "the dropped layers' memory back to the kernel: "
                                        "after the exchange, a low-priority thread"),
+         ("first stage ahead (leader)", "first_stage_ahead", "its requests' first stage, "
+                                                            "while it waited for the members"),
          ("first pipelined step (leader)", "first_step_s", "fill g micro-batches, collect one"),
          ("restore: pull layers", "restore_layers", "every member gets the whole model, "
                                                     "while the group serves"),
@@ -466,10 +490,10 @@ class _Member:
             time.sleep(0.0005)
 
     def run(self, prompts: dict[str, list[int]], queued: dict[str, list[int]]) -> dict:
-        from kunserve.worker.checkpoint import TORCH_DTYPES
         from kunserve.worker.engine import EngineConfig, LLMEngine
         from kunserve.worker.pipeline import reconfigure
-        from kunserve.worker.pipeline.stage_link import frame_bytes_for, meet
+        from kunserve.worker.pipeline.group_member import activation_frame_bytes
+        from kunserve.worker.pipeline.stage_link import meet
         from kunserve.worker.sampling_params import SamplingParams
 
         spec, report = self.spec, self.report
@@ -478,8 +502,7 @@ class _Member:
                         SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))
         self.barrier("loaded")
         start = time.time()
-        frame = frame_bytes_for(engine.model_config.hidden_size,  # as the worker sizes it
-                                TORCH_DTYPES[engine.config.dtype].itemsize)
+        frame = activation_frame_bytes(spec.model, engine.config.dtype)  # as a worker does
         link = meet(HOST, self.port, "bench-group", 1, self.rank, spec.size,
                     timeout_s=TIMEOUT_S, bind_host=HOST, frame_bytes=frame,
                     io_slice_us=spec.io_slice_us)
@@ -504,6 +527,7 @@ class _Member:
             window_end = self.take("solo", engine.step())
         report["solo_window"] = (window_start, window_end)
         self.serve_until_commit(engine, prompts)
+        self.serve_until_leader(engine, link, prompts)
 
         tables = {rid: engine.block_manager.block_table(rid) for rid in engine.scheduler.requests}
         self.store.set(f"tables/{self.rank}", json.dumps(tables))
@@ -542,15 +566,28 @@ class _Member:
         reaches every member between two of its steps); step no further when the requests
         would not have enough tokens left for the pipelined window and the restore."""
         self.store.add("window-done", 1)
-        keep = self.spec.steps + 3 + PULL_TOKENS
         stalled_at = None
         while self.store.add("window-done", 0) < self.spec.size:
-            if min(self.spec.output_len - len(self.tokens[r]) for r in prompts) > keep:
+            if self._tokens_to_spare(prompts):
                 self.take("solo", engine.step())
             else:
                 stalled_at = stalled_at or time.time()
                 time.sleep(0.0005)
         self.report["stalled_s"] = time.time() - stalled_at if stalled_at else 0.0
+
+    def serve_until_leader(self, engine, link, prompts: dict[str, list[int]]) -> None:
+        """A member, once committed, serves on solo until the leader has entered the drop,
+        as a worker's engine thread does (``reconfigure.leader_entered``), while its
+        requests have tokens to spare."""
+        from kunserve.worker.pipeline import reconfigure
+
+        while not reconfigure.leader_entered(link) and self._tokens_to_spare(prompts):
+            self.take("solo", engine.step())
+
+    def _tokens_to_spare(self, prompts: dict[str, list[int]]) -> bool:
+        """Solo: whether each request has more tokens left than the later phases need."""
+        return min(self.spec.output_len - len(self.tokens[r]) for r in prompts) > tokens_kept(
+            self.spec)
 
     def serve_during_exchange(self, engine, membership) -> None:
         """The leader while the drop's KV moves (overlapped), as a worker's engine thread
@@ -570,12 +607,24 @@ class _Member:
         reconfigure.complete_drop(engine, membership)
 
     def lead(self, engine) -> None:
-        """The leader after the drop: the first step, one round, the timed window."""
+        """The leader after the drop: the first step, one round, the steps that finish the
+        requests queued at the drop, then the timed window. The window holds the same work as
+        the solo one, decodes of the moved requests: with the queued requests' prefills in it,
+        pipelined/solo TPOT read 1.65x where it reads 1.15-1.23x with nothing queued (README).
+        A window that cannot wait for them any longer (their tokens run out) says so."""
         start = time.perf_counter()
         window_start = self.take("group", engine.step())
         self.report["first_step_s"] = time.perf_counter() - start
+        self.report["rows_ahead"] = engine.runner.rows_ahead_used  # by its first micro-batches
         for _ in range(self.spec.size - 1):
             window_start = self.take("group", engine.step())
+        requests = engine.scheduler.requests
+        moved = [r for r in requests.values() if r.num_output_tokens]  # queued: none yet
+        keep = tokens_after_window(self.spec)
+        while len(requests) > len(moved) and min(
+                r.sampling_params.max_tokens - r.num_output_tokens for r in moved) > keep:
+            window_start = self.take("group", engine.step())
+        self.report["queued_left_in_window"] = len(requests) - len(moved)
         for _ in range(self.spec.steps * self.spec.size):
             window_end = self.take("group", engine.step())
         self.report["group_window"] = (window_start, window_end)
@@ -758,7 +807,8 @@ def _print_table(r: dict) -> None:
               f"(median), {1e3 * q['first_token_max_s']:.1f} ms (last) after the last member "
               f"entered the drop; the leader sent {q['sent_at_drop']} micro-batch(es) of its "
               f"own moved requests at the drop and served {q['steps_during_exchange']} steps "
-              "while the KV moved (none while moved requests wait for theirs)")
+              "while the KV moved (none while moved requests wait for theirs); the first "
+              f"micro-batches took {q['rows_ahead']} rows of the first stage it ran ahead")
     pull = r["pull"]
     print(f"longest inter-token gap across the restore: {1e3 * gap['worst_restore_gap_s']:.1f}"
           f" ms  (the layer pull overlapped {pull['steps']} pipelined steps in "
@@ -774,6 +824,9 @@ def _print_table(r: dict) -> None:
         print(f"{label:<34} {row['tok_s']:>8.1f} {row['itl_ms']:>12.2f} {row['tokens']:>7} "
               f"{row['seconds']:>9.2f}")
     print(f"pipelined / solo TPOT: {d['tpot_ratio']:.2f}x  (paper, on GPUs: 1.16-1.23x)")
+    if r["queued_left_in_window"]:
+        print(f"  {r['queued_left_in_window']} request(s) queued at the drop were still in the "
+              "pipelined window (their prefill counts in it; raise --output-len)")
     kv = r["kv_tokens"]
     print(f"KV capacity: {kv['solo_per_instance']} tokens per solo instance ({g} x = "
           f"{g * kv['solo_per_instance']}), {kv['group']} tokens in the group; every request "
