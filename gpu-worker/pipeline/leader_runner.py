@@ -64,9 +64,11 @@ class _InFlight:
 
 class LeaderRunner:
     def __init__(self, executor: StageExecutor, link: StageLink, depth: int,
-                 ahead: StageAhead | None = None) -> None:
+                 ahead: StageAhead | None = None,
+                 served: Callable[[], None] | None = None) -> None:
         """``ahead``: first-stage rows computed before the group formed, for the first
-        micro-batches that are made of them (none once one is not)."""
+        micro-batches that are made of them (none once one is not); ``served``: called as
+        each micro-batch's tokens come back (a drop's ``ParamsRelease``)."""
         if not link.is_leader or not executor.is_first or link.size < 2:
             raise ValueError("the leader runner is rank 0 of a group of 2 or more stages")
         self.executor = executor
@@ -74,6 +76,7 @@ class LeaderRunner:
         self.depth = depth
         self.ahead = ahead
         self.rows_ahead_used = 0
+        self._served = served
         self.broken: StageLinkError | None = None
         self._in_flight: deque[_InFlight] = deque()
         self._finished: list[str] = []  # to tell the last rank with the next batch
@@ -120,6 +123,8 @@ class LeaderRunner:
                 reply.token_ids) != len(expected.sampling_ids):
             self._fail(f"expected {len(expected.sampling_ids)} tokens of micro-batch "
                        f"{expected.seq} from the last stage, got {reply!r}")
+        if self._served is not None:
+            self._served()
         return dict(zip(expected.sampling_ids, reply.token_ids, strict=True))
 
     def release(self, request_ids: list[str]) -> None:

@@ -143,8 +143,10 @@ class KVExchange:
 
     def __init__(self, move: KVMove, link: StageLink, held: list[RequestState],
                  phases: dict[str, float], on_done: Callable[[KVExchange], None] | None,
-                 started_at: float, incoming: frozenset[int] = frozenset()) -> None:
-        """``incoming``: the blocks (group numbering) this member receives slices into."""
+                 started_at: float, incoming: frozenset[int] = frozenset(),
+                 release: ParamsRelease | None = None) -> None:
+        """``incoming``: the blocks (group numbering) this member receives slices into;
+        ``release``: gives the move's staging back once it is over (at once when None)."""
         self.held = {s.request_id: s for s in held}
         self.incoming = incoming
         self.cancelled: set[str] = set()  # aborted while held: dropped, not adopted
@@ -152,6 +154,7 @@ class KVExchange:
         self.stats: MoveStats | None = None
         self.error: str | None = None
         self._move, self._link, self._phases, self._on_done = move, link, phases, on_done
+        self._release = release or ParamsRelease(phases, round_size=0)
         self._started_at = started_at  # the drop's (its ``total`` phase ends here)
         self._landed = threading.Event()  # this member's slices are written (or failed)
         self._done = threading.Event()
@@ -188,7 +191,7 @@ class KVExchange:
             self._done.set()
             if self._on_done is not None:
                 self._on_done(self)
-            _release(move, self._phases)  # last, off the path of the requests waiting
+            self._release.run(move)  # last, off the path of the requests waiting
 
     def wait_landed(self, chunks: list[ScheduledChunk]) -> bool:
         """A member's stage, before it runs a micro-batch of ``chunks`` (the leader sends the
@@ -230,11 +233,41 @@ class KVExchange:
         return [s for rid, s in self.held.items() if rid not in self.cancelled]
 
 
-def _release(move: KVMove, phases: dict[str, float]) -> None:
-    """Give the dropped layers' memory (the move's staging) back at the lowest priority, on
-    the calling thread, once the exchange is reported (phase ``release``)."""
-    lower_this_threads_priority()
-    phases["release"] = move.release()
+class ParamsRelease:
+    """The dropped layers' memory (a move's staging) back to the kernel, at the lowest
+    priority, once the exchange is over and this process has served a round of micro-batches
+    after it (``round_size``: one per stage, so every member's moved requests have had their
+    first token), or ``wait_s`` after the exchange at the latest (phase ``release``). Freeing
+    it takes milliseconds of CPU, holding the GIL: the first tokens after a drop should not
+    wait behind that. The runners call ``served`` after each micro-batch."""
+
+    def __init__(self, phases: dict[str, float], round_size: int, wait_s: float = 1.0) -> None:
+        self._phases, self._round_size, self._wait_s = phases, round_size, wait_s
+        self._lock = threading.Lock()
+        self._served: int | None = None  # micro-batches since the exchange ended
+        self._round = threading.Event()
+        if round_size <= 0:
+            self._round.set()
+
+    def served(self) -> None:
+        with self._lock:
+            if self._served is None:  # the exchange still runs: not the round waited for
+                return
+            self._served += 1
+            if self._served >= self._round_size:
+                self._round.set()
+
+    def run(self, move: KVMove) -> None:
+        """On the calling thread (a helper's): wait for the round, then release."""
+        with self._lock:
+            self._served = 0
+        lower_this_threads_priority()
+        self._round.wait(self._wait_s)
+        self._phases["release"] = move.release()
+
+    def start(self, move: KVMove) -> None:
+        """``run`` on a thread of its own."""
+        threading.Thread(target=self.run, args=(move,), name="kv-release", daemon=True).start()
 
 
 # -- drop ---------------------------------------------------------------------------------------
@@ -311,8 +344,10 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
                          for b in p.dst_blocks)
     ready = [s for s in moved if not overlap or incoming.isdisjoint(s.block_table)]
     held = [s for s in moved if overlap and not incoming.isdisjoint(s.block_table)]
+    release = ParamsRelease(phases, round_size=size)
     if link.is_leader:
-        engine.install(LeaderRunner(executor, link, depth=size, ahead=ahead), memory)
+        engine.install(LeaderRunner(executor, link, depth=size, ahead=ahead,
+                                    served=release.served), memory)
         if ahead is not None:
             phases["first_stage_ahead"] = ahead.seconds
         moving = {s.request_id for s in held}
@@ -329,12 +364,11 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
         del staging  # the move keeps what it still uses
         if overlap:
             membership.exchange = KVExchange(move, layer_link, held, phases, on_exchanged,
-                                             start, incoming)
+                                             start, incoming, release)
         else:
             membership.moved = move.finish()
             phases["exchange"] = membership.moved.seconds
-            threading.Thread(target=_release, args=(move, phases), name="kv-release",
-                             daemon=True).start()
+            release.start(move)
     except StageLinkError as exc:
         fall_back(engine, membership, held)
         raise GroupFailed(f"the group broke during the KV exchange: {exc}") from None
@@ -347,7 +381,8 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
             sampler.import_generators(welcome.generators, welcome.generator_params)
         membership.stage_runner = StageRunner(
             link, executor, model, sampler,
-            landed=membership.exchange.wait_landed if membership.exchange else None)
+            landed=membership.exchange.wait_landed if membership.exchange else None,
+            served=release.served)
     if not overlap:
         phases["total"] = time.perf_counter() - start
     return membership

@@ -39,11 +39,13 @@ from kunserve.worker.step_inputs import StepInputs, prepare_inputs
 class StageRunner:
     def __init__(self, link: StageLink, executor: StageExecutor, model_config: ModelConfig,
                  sampler: RequestSampler | None = None,
-                 landed: Callable[[list[ScheduledChunk]], bool] | None = None) -> None:
+                 landed: Callable[[list[ScheduledChunk]], bool] | None = None,
+                 served: Callable[[], None] | None = None) -> None:
         """``executor``: this rank's layers and KV cache; ``sampler`` (last rank): the seeded
         generators (a new one when None); ``landed``: called with a micro-batch's chunks
         before its layers run, until it returns True, while a drop's KV still moves here
-        (``KVExchange.wait_landed``: waits when they need it)."""
+        (``KVExchange.wait_landed``: waits when they need it); ``served``: called after each
+        micro-batch (a drop's ``ParamsRelease``)."""
         if link.is_leader:
             raise ValueError("rank 0 is the leader: it runs PipelineEngine, not StageRunner")
         self.link = link
@@ -54,6 +56,7 @@ class StageRunner:
         if link.is_last:
             self.sampler = sampler or RequestSampler(self.executor.kv_cache.storage.device)
         self._landed = landed
+        self._served = served
         self.num_batches = 0
         self.busy_report: list[float] = []  # every rank's busy seconds, once stopped
 
@@ -103,6 +106,8 @@ class StageRunner:
                                                  token_ids=self._sample(batch, hidden, inputs)),
                                    0)
         self.num_batches += 1
+        if self._served is not None:
+            self._served()
 
     def _sample(self, batch: StageBatch, hidden: torch.Tensor, inputs: StepInputs) -> list[int]:
         assert self.sampler is not None
