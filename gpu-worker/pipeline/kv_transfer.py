@@ -25,8 +25,8 @@ Steps 1-3 are ``start_move``, step 4 is ``KVMove.finish`` (which also posts the 
 that waited for a drained fresh buffer). The staging outlives ``finish`` until
 ``KVMove.release``: a drop's staging is the parameters it frees, and giving tens of MB back
 to the kernel (``munmap``) takes milliseconds of CPU that the peers still moving bytes need,
-so the drop releases it once the exchange is reported, on a low-priority thread
-(``lower_this_threads_priority``) that takes what the serving threads leave of the cores.
+so the drop releases it after the exchange and the group's first round, on a low-priority
+thread (``reconfigure.ParamsRelease``) that takes what the serving threads leave of the cores.
 ``move_kv`` runs both (and the release) while the group is not serving. A drop runs them
 apart (``reconfigure.drop``): 1-3 on the engine thread with nothing else running, then 4 on a
 helper thread while the group already serves; it moves the KV over the epoch's second link, so

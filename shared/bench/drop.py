@@ -437,7 +437,7 @@ _ROWS = [("prepare", "prepare_at", "StageLink at the TCPStore (meet), before the
          ("KV exchange", "exchange", "pack, re-read the cache (grow), send/recv"),
          ("drop total", "total", "handover + free + exchange + stage runner"),
          ("release params", "release", "the dropped layers' memory back to the kernel: "
-                                       "after the exchange, a low-priority thread"),
+                                       "after the first round, a low-priority thread"),
          ("first stage ahead (leader)", "first_stage_ahead", "its requests' first stage, "
                                                             "while it waited for the members"),
          ("first pipelined step (leader)", "first_step_s", "fill g micro-batches, collect one"),
