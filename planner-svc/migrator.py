@@ -5,7 +5,8 @@ reconfiguration is (a span, a ledger row, ``kunserve:migrations_total``).
 
 It has the automatic planner's surface (``start``, ``observe``, ``close``), so the service
 drives either. After each migration it waits ``interval_s``, so the loads it decides on next
-show the move.
+show the move; after one that moved nothing (the requests it picked ended during the copy)
+it looks again at once.
 """
 
 from __future__ import annotations
@@ -61,4 +62,6 @@ class Migrator(OneTaskAtATime):
         else:
             logger.warning("migration %s -> %s failed: %s", migration.source,
                            migration.destination, reply.error if reply else "error")
+        if reply is not None and reply.ok and reply.moved_requests == 0:
+            return  # the requests picked ended meanwhile: nothing to wait for, look again
         self._not_before = self.clock() + self.interval_s

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from kunserve.planner.membership import solo_instance
 from kunserve.planner.migration_policy import Migration, decide_migration, freeness
-from kunserve.protocol import InstanceInfo, InstanceLoad, Topology
+from kunserve.planner.migrator import Migrator
+from kunserve.protocol import InstanceInfo, InstanceLoad, ReconfigureReply, Topology
 
 
 def load(instance_id: str, used: int, queued_tokens: int = 0, waiting: int = 0,
@@ -50,3 +51,40 @@ def test_busy_and_pipelined_instances_are_left_alone():
     loads = {"a": load("a", 95, 16 * 20, 3), "b": load("b", 10), "p": load("p", 0)}
     assert decide_migration(topology("a", "b"), loads, busy={"b"}) is None
     assert decide_migration(topology("a", pipelined=("p",)), loads, ()) is None
+
+
+class Coordinator:
+    """What ``Migrator`` calls: ``migrate`` answers from a script of moved-request counts."""
+
+    def __init__(self, moved: list[int]) -> None:
+        self.busy: set[str] = set()
+        self.moved, self.calls = moved, 0
+
+    async def migrate(self, source: str, destination: str, blocks: int) -> ReconfigureReply:
+        self.calls += 1
+        return ReconfigureReply(ok=True, moved_requests=self.moved.pop(0))
+
+
+async def test_the_migrator_looks_again_at_once_only_after_a_migration_that_moved_nothing():
+    """After a move it waits ``interval_s`` (the loads must show it first); when the requests
+    it picked all ended during the copy, nothing moved and it decides again at the next look."""
+    now = [0.0]
+    coordinator = Coordinator(moved=[0, 1, 1])
+    migrator = Migrator(coordinator, interval_s=0.5, clock=lambda: now[0])
+    short = {"a": load("a", 95, queued_tokens=16 * 20, waiting=3), "b": load("b", 40)}
+
+    async def look() -> None:
+        migrator.observe(topology("a", "b"), short, {})
+        if migrator.running:
+            await migrator._running
+
+    await look()
+    assert coordinator.calls == 1  # moved nothing
+    await look()
+    assert coordinator.calls == 2  # at once; this one moved a request
+    now[0] = 0.4
+    await look()
+    assert coordinator.calls == 2  # within the interval
+    now[0] = 0.6
+    await look()
+    assert coordinator.calls == 3
