@@ -143,10 +143,10 @@ class KVExchange:
 
     def __init__(self, move: KVMove, link: StageLink, held: list[RequestState],
                  phases: dict[str, float], on_done: Callable[[KVExchange], None] | None,
-                 started_at: float, incoming: frozenset[int] = frozenset(),
-                 release: ParamsRelease | None = None) -> None:
+                 started_at: float, incoming: frozenset[int],
+                 release: ParamsRelease) -> None:
         """``incoming``: the blocks (group numbering) this member receives slices into;
-        ``release``: gives the move's staging back once it is over (at once when None)."""
+        ``release``: gives the move's staging back once it is over."""
         self.held = {s.request_id: s for s in held}
         self.incoming = incoming
         self.cancelled: set[str] = set()  # aborted while held: dropped, not adopted
@@ -154,7 +154,7 @@ class KVExchange:
         self.stats: MoveStats | None = None
         self.error: str | None = None
         self._move, self._link, self._phases, self._on_done = move, link, phases, on_done
-        self._release = release or ParamsRelease(phases, round_size=0)
+        self._release = release
         self._started_at = started_at  # the drop's (its ``total`` phase ends here)
         self._landed = threading.Event()  # this member's slices are written (or failed)
         self._done = threading.Event()
@@ -250,6 +250,8 @@ class ParamsRelease:
             self._round.set()
 
     def served(self) -> None:
+        if self._round.is_set():  # every micro-batch of the epoch calls this: keep it cheap
+            return
         with self._lock:
             if self._served is None:  # the exchange still runs: not the round waited for
                 return
@@ -290,14 +292,14 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     solo_runner = engine.runner
     assert isinstance(solo_runner, ModelRunner) and len(engine.stages) == 1
     layers = LayerRange.for_stage(rank, size, model.num_layers)
+    stage = engine.stages[0].narrow(layers)
     ahead = None
     if not link.is_leader:
         link.announce("drop")
     else:
         link.announce("leader")  # members serve on solo until then (``leader_entered``)
         if (link.arrivals("drop") or 0) < size - 1:  # a member is still in its solo step
-            ahead = _first_stage_ahead(engine, layers)  # before the export: tables may grow
-    stage = engine.stages[0].narrow(layers)
+            ahead = _first_stage_ahead(engine, stage)  # before the export: tables may grow
     geometry = kv_geometry(engine.config, model, layers.size)
     plan = plan_memory(solo_memory.budget_bytes, stage.parameter_bytes(),
                        solo_memory.reserve_bytes, geometry)
@@ -399,9 +401,9 @@ def leader_entered(link: StageLink) -> bool:
     return entered is None or entered > 0
 
 
-def _first_stage_ahead(engine: LLMEngine, layers: LayerRange) -> StageAhead | None:
+def _first_stage_ahead(engine: LLMEngine, stage: LlamaStage) -> StageAhead | None:
     """Leader, at a drop, while members are still finishing their last solo step: run the
-    first stage (``layers``) of the next decode of every running request here, solo, and
+    first stage (``stage``, its layers of the solo model) of the next decode of every running request here, solo, and
     keep the hidden states for the group's first micro-batch (``LeaderRunner``). Its keys
     and values land in the solo cache, in the bytes the group's cache re-reads as this
     stage's blocks (a block for the new token is added to the request's table first, when
@@ -423,9 +425,9 @@ def _first_stage_ahead(engine: LLMEngine, layers: LayerRange) -> StageAhead | No
     inputs = prepare_inputs(chunks, cache.geometry.block_size)
     cache.commit_through(inputs.max_block)
     with torch.inference_mode():
-        hidden = engine.stages[0].narrow(layers)(
-            inputs.input_ids, inputs.positions, cache.layer_caches()[layers.start:layers.end],
-            inputs.meta)  # (N, H)
+        layers = stage.layer_range
+        hidden = stage(inputs.input_ids, inputs.positions,
+                       cache.layer_caches()[layers.start:layers.end], inputs.meta)  # (N, H)
     return StageAhead(hidden, {c.request_id: (c.start_position, c.token_ids[0], row)
                                for row, c in enumerate(inputs.chunks)},
                       time.perf_counter() - start)
