@@ -25,6 +25,7 @@ from kunserve.gateway.cluster_view import ClusterView
 from kunserve.gateway.dispatcher import Dispatcher
 from kunserve.gateway.errors import install_error_handlers
 from kunserve.gateway.failover import InstanceWatchdog
+from kunserve.gateway.json_bodies import JSONBodies
 from kunserve.gateway.mesh_client import MeshClient
 from kunserve.gateway.metrics import GatewayMetrics
 from kunserve.gateway.planner_client import PlannerClient
@@ -56,6 +57,7 @@ def create_app(settings: GatewaySettings, span_exporter: SpanExporter | None = N
                   lifespan=lifespan)
     app.state.settings = settings
     install_error_handlers(app)
+    app.add_middleware(JSONBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.include_router(completions.router)
     app.include_router(monitoring.router)

@@ -135,9 +135,12 @@ async def _unexpected_error(_: Request, exc: Exception) -> JSONResponse:
 
 
 def _describe(error: dict) -> str:
+    """The message, after the field it is about unless it starts with its name."""
     message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
     param = _param(error.get("loc", ()))
-    return f"{param}: {message}" if param else message
+    if not param or message.startswith(f"{param} "):
+        return message
+    return f"{param}: {message}"
 
 
 def _param(loc: tuple | list) -> str:

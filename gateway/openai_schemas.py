@@ -17,6 +17,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     ValidatorFunctionWrapHandler,
     field_validator,
     model_serializer,
@@ -63,15 +64,27 @@ class SamplingFields(BaseModel):
             raise ValueError("n must be 1")
         return n
 
-    @model_validator(mode="after")
-    def _refuse_unsupported(self) -> SamplingFields:
-        if self.stream_options is not None and not self.stream:
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, options: StreamOptions | None,
+                             info: ValidationInfo) -> StreamOptions | None:
+        if options is not None and not info.data.get("stream"):
             raise ValueError("stream_options is only allowed with stream: true")
-        if self.logprobs not in (None, False, 0):
+        return options
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, logprobs: Any) -> Any:
+        if logprobs not in (None, False, 0):
             raise ValueError("logprobs is not supported")
-        if self.best_of not in (None, 1):
+        return logprobs
+
+    @field_validator("best_of")
+    @classmethod
+    def _no_best_of(cls, best_of: int | None) -> int | None:
+        if best_of not in (None, 1):
             raise ValueError("best_of > 1 is not supported")
-        return self
+        return best_of
 
     @property
     def include_usage(self) -> bool:
@@ -95,13 +108,19 @@ class CompletionRequest(SamplingFields):
             raise ValueError("prompt must be a string, a list of token ids, or a one-element "
                              "list of either") from None
 
-    @model_validator(mode="after")
-    def _refuse_completion_extras(self) -> CompletionRequest:
-        if self.echo:
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, echo: bool) -> bool:
+        if echo:
             raise ValueError("echo is not supported")
-        if self.suffix:
+        return echo
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
             raise ValueError("suffix is not supported")
-        return self
+        return suffix
 
 
 class TextPart(BaseModel):
@@ -109,11 +128,27 @@ class TextPart(BaseModel):
     text: str
 
 
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... reach the template
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart] | None = None  # only an assistant's may be null
+
+    @field_validator("role")
+    @classmethod
+    def _known_role(cls, role: str) -> str:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"role must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        return role
+
+    @model_validator(mode="after")
+    def _content_unless_assistant(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content")
+        return self
 
     @field_validator("content", mode="wrap")
     @classmethod
@@ -138,14 +173,29 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
 
-    @model_validator(mode="after")
-    def _refuse_chat_extras(self) -> ChatCompletionRequest:
-        if self.top_logprobs:
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, top_logprobs: int | None) -> int | None:
+        if top_logprobs:
             raise ValueError("logprobs is not supported")
-        if self.tools:
+        return top_logprobs
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, tools: list[Any] | None) -> list[Any] | None:
+        if tools:
             raise ValueError("tools are not supported")
-        if self.response_format and self.response_format.get("type", "text") != "text":
+        return tools
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+        if response_format and response_format.get("type", "text") != "text":
             raise ValueError("response_format other than text is not supported")
+        return response_format
+
+    @model_validator(mode="after")
+    def _newer_max_tokens(self) -> ChatCompletionRequest:
         if self.max_completion_tokens is not None:
             self.max_tokens = self.max_completion_tokens
         return self

@@ -72,7 +72,7 @@ def _refusal(reply: ReconfigureReply) -> OpenAIError:
     if reply.status == 400:
         return bad_request(message)
     if reply.status == 409:
-        return conflict(message, "reconfiguration_in_progress")
+        return conflict(message, reply.code or "reconfiguration_in_progress")
     if reply.status == 503:
         return service_unavailable(message)
     return server_error(f"the planner failed (status {reply.status}): {message}")

@@ -44,6 +44,7 @@ from kunserve.planner.group_transitions import (
 )
 from kunserve.planner.reconfigure_validation import (
     BAD_REQUEST,
+    IN_PROGRESS,
     ReconfigureRejected,
     drop_members,
     restore_members,
@@ -133,7 +134,7 @@ class ReconfigurationCoordinator:
         change); they form a 2-member link for it, as a drop's prepare does."""
         members = [source, destination]
         if set(members) & self._busy:
-            return ReconfigureReply(ok=False, status=409,
+            return ReconfigureReply(ok=False, status=409, code=IN_PROGRESS,
                                     error=f"{source} or {destination} is being reconfigured")
         self._busy.update(members)
         group_id = f"migrate-{uuid.uuid4().hex[:12]}"
@@ -259,4 +260,4 @@ class ReconfigurationCoordinator:
 
 
 def _rejected(exc: ReconfigureRejected) -> ReconfigureReply:
-    return ReconfigureReply(ok=False, status=exc.status, error=exc.message)
+    return ReconfigureReply(ok=False, status=exc.status, error=exc.message, code=exc.code)

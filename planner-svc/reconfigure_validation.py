@@ -3,7 +3,8 @@
 The answer is a member list, or ``ReconfigureRejected`` carrying the HTTP status the gateway
 answers with: 400 for a request that can never succeed as written (unknown instance or group,
 too few or too many members), 409 for one that conflicts with a reconfiguration under way or
-with the current groups (it may succeed later). ``busy`` is the set of instances some
+with the current groups (it may succeed later), and an error ``code`` saying which
+(``reconfiguration_in_progress``, ``instance_in_group``, ``not_enough_solo_instances``). ``busy`` is the set of instances some
 reconfiguration is in the middle of; ``topology`` is the planner's current one, whose entries
 are exactly the live instances.
 """
@@ -16,13 +17,16 @@ from kunserve.planner.group_transitions import GroupState, members_of
 from kunserve.protocol import Topology
 
 BAD_REQUEST, CONFLICT = 400, 409
+IN_PROGRESS, IN_GROUP, TOO_FEW_SOLO = (
+    "reconfiguration_in_progress", "instance_in_group", "not_enough_solo_instances")
 
 
 class ReconfigureRejected(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.code = code
 
 
 def drop_members(requested: Sequence[str], topology: Topology, busy: Collection[str],
@@ -38,12 +42,18 @@ def drop_members(requested: Sequence[str], topology: Topology, busy: Collection[
         _check_listed(members, entries.keys())
         for instance_id in members:
             if instance_id in busy:
-                raise ReconfigureRejected(CONFLICT, f"instance {instance_id} is being reconfigured")
+                raise ReconfigureRejected(CONFLICT, f"instance {instance_id} is being reconfigured",
+                                          IN_PROGRESS)
             info = entries[instance_id]
             if info.state != GroupState.SOLO:
                 raise ReconfigureRejected(
                     CONFLICT, f"instance {instance_id} is already in group {info.group_id} "
-                              f"({info.state})")
+                              f"({info.state})", IN_GROUP)
+    if len(members) < 2 and not requested and len(entries) >= 2:  # the others are grouped
+        raise ReconfigureRejected(  # or busy: once restored, the same request can succeed
+            CONFLICT, f"a drop needs at least 2 live solo instances, got {len(members)} (of "
+                      f"{len(entries)} live: the others are in groups or being reconfigured)",
+            TOO_FEW_SOLO)
     if len(members) < 2:
         what = "instances" if requested else "live solo instances"
         raise ReconfigureRejected(BAD_REQUEST,
@@ -66,7 +76,7 @@ def restore_members(group_id: str, topology: Topology, busy: Collection[str]) ->
                                                "has that id")
     if any(i in busy for i in members) or states != {GroupState.PIPELINED}:
         raise ReconfigureRejected(CONFLICT, f"group {group_id} is being reconfigured "
-                                            f"({', '.join(sorted(states))})")
+                                            f"({', '.join(sorted(states))})", IN_PROGRESS)
     return members
 
 

@@ -261,6 +261,7 @@ class ReconfigureReply(msgspec.Struct, kw_only=True):
     ok: bool
     status: int = 200  # the HTTP status the gateway answers with (400, 409, 503 on failure)
     error: str | None = None
+    code: str | None = None  # the error's code for the API (409: which conflict)
     epoch: int = 0
     group: str = ""
     phase_seconds: dict[str, float] = {}  # e.g. prepare, commit, restore

@@ -164,6 +164,14 @@ async def test_a_refusal_is_answered_with_the_planners_status(client, planner, s
     assert planner.received == [Reconfigure(action="drop", instances=["w9"])]
 
 
+async def test_a_conflict_carries_the_planners_code(client, planner):
+    planner.reply = ReconfigureReply(ok=False, status=409, code="instance_in_group",
+                                     error="instance w1 is already in group g2 (pipelined)")
+    response = await client.post("/v1/cluster/drop", headers=AUTH,
+                                 json={"instances": ["w1", "w3"]})
+    assert_openai_error(response, 409, "already in group g2", code="instance_in_group")
+
+
 async def test_no_planner_is_503(client):
     for path, body in [("drop", {}), ("restore", {"group": "g-3"})]:
         response = await client.post(f"/v1/cluster/{path}", headers=AUTH, json=body)

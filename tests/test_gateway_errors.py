@@ -73,10 +73,12 @@ BAD_COMPLETIONS = [
     ({**OK, "prompt": list(range(10, 266))}, "maximum context length is 256", "prompt"),
     ({**OK, "prompt": "word " * 300}, "maximum context length is 256", "prompt"),
     ({**OK, "prompt": "x" * 100_000}, "maximum context length is 256", "prompt"),
-    ({**OK, "logprobs": 3}, "logprobs is not supported", None),
-    ({**OK, "echo": True}, "echo is not supported", None),
-    ({**OK, "best_of": 3}, "best_of > 1 is not supported", None),
-    ({**OK, "stream_options": {"include_usage": True}}, "only allowed with stream", None),
+    ({**OK, "logprobs": 3}, "logprobs is not supported", "logprobs"),
+    ({**OK, "echo": True}, "echo is not supported", "echo"),
+    ({**OK, "suffix": "end"}, "suffix is not supported", "suffix"),
+    ({**OK, "best_of": 3}, "best_of > 1 is not supported", "best_of"),
+    ({**OK, "stream_options": {"include_usage": True}}, "stream_options is only allowed with "
+     "stream: true", "stream_options"),
 ]
 
 
@@ -96,7 +98,15 @@ BAD_CHATS = [
     ({**CHAT_OK, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
      "content must be a string or a list", "messages[0].content"),
     ({**CHAT_OK, "n": 3}, "n > 1 is not supported", "n"),
-    ({**CHAT_OK, "tools": [{"type": "function"}]}, "tools are not supported", None),
+    ({**CHAT_OK, "tools": [{"type": "function"}]}, "tools are not supported", "tools"),
+    ({**CHAT_OK, "top_logprobs": 2}, "logprobs is not supported", "top_logprobs"),
+    ({**CHAT_OK, "response_format": {"type": "json_object"}}, "response_format other than "
+     "text is not supported", "response_format"),
+    ({**CHAT_OK, "messages": [{"role": "wizard", "content": "hi"}]},
+     "messages[0].role: role must be one of system, developer, user, assistant, tool, "
+     "function, got 'wizard'", "messages[0].role"),
+    ({**CHAT_OK, "messages": [{"role": "user", "content": None}]},
+     "messages[0]: a user message needs content", "messages[0]"),
     ({**CHAT_OK, "max_completion_tokens": 1000}, "maximum context length", "max_tokens"),
     ({**CHAT_OK, "messages": [{"role": "user", "content": "word " * 400}]},
      "maximum context length is 256", "messages"),
@@ -124,6 +134,18 @@ async def test_malformed_and_odd_bodies_are_400_and_the_app_keeps_serving(client
     assert "malformed JSON" in response.json()["error"]["message"]
     response = await post("/v1/completions", json=OK)
     assert response.status_code == 200 and response.json()["choices"][0]["finish_reason"]
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain",
+                                          "application/x-www-form-urlencoded"])
+async def test_a_json_body_is_read_as_json_whatever_its_content_type(client, content_type):
+    """``curl -d`` sends a form's content type: the body is JSON all the same, as on the
+    admin endpoints."""
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post("/v1/completions", content=json.dumps(OK).encode(),
+                                 headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"]
 
 
 async def test_unknown_model_and_route_are_404(client):

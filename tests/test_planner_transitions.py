@@ -119,6 +119,8 @@ def test_drop_requests_that_cannot_work_are_400():
         (400, "a drop needs at least 2 instances, got 1")
     assert rejected(drop_members, [], solo_topology("a"), set(), L) == \
         (400, "a drop needs at least 2 live solo instances, got 1")
+    assert rejected(drop_members, [], solo_topology(), set(), L) == \
+        (400, "a drop needs at least 2 live solo instances, got 0")
     status, message = rejected(drop_members, ["a", "b", "c"], topology, set(), 2)
     assert status == 400 and "cannot split the model's 2 layers over 3 instances" in message
 
@@ -130,6 +132,26 @@ def test_drop_requests_that_conflict_with_other_reconfigurations_are_409():
     pipelined = commit_drop(topology, "g5", ["a", "b"], L)
     assert rejected(drop_members, ["c", "a"], pipelined, set(), L) == \
         (409, "instance a is already in group g5 (pipelined)")
+    # every instance but one in a group: an empty drop can succeed once the group is restored
+    assert rejected(drop_members, [], pipelined, {"d"}, L) == \
+        (409, "a drop needs at least 2 live solo instances, got 1 (of 4 live: the others are "
+              "in groups or being reconfigured)")
+
+
+def test_each_conflict_says_which_in_its_code():
+    topology = begin_drop(solo_topology("a", "b", "c"), ["a", "b"], L)
+    pipelined = commit_drop(topology, "g5", ["a", "b"], L)
+    cases = [(drop_members, ["c", "b"], topology, {"a", "b"}, L),
+             (drop_members, ["c", "a"], pipelined, set(), L),
+             (drop_members, [], pipelined, set(), L),
+             (restore_members, "g5", pipelined, {"a"})]
+    codes = []
+    for call, *args in cases:
+        with pytest.raises(ReconfigureRejected) as info:
+            call(*args)
+        codes.append(info.value.code)
+    assert codes == ["reconfiguration_in_progress", "instance_in_group",
+                     "not_enough_solo_instances", "reconfiguration_in_progress"]
 
 
 # -- restore requests ------------------------------------------------------------------------
