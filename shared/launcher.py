@@ -306,7 +306,8 @@ class Launcher:
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     process_group=0, preexec_fn=_die_with_parent)
             self.children.append(Child(spec, process, log_path))
-        self._say(f"started planner, router, {self.config.instances} workers, gateway "
+        workers = self.config.instances
+        self._say(f"started planner, router, {workers} worker{'s' * (workers != 1)}, gateway "
                   f"(logs: {log_dir})")
 
     def _wait_until_ready(self, redis_url: str) -> bool:

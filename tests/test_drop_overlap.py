@@ -16,6 +16,8 @@ or repeated."""
 from __future__ import annotations
 
 import datetime
+import mmap
+import sys
 import time
 from collections import defaultdict
 
@@ -84,8 +86,13 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
                 engine.add_request(prompt, params, rid)
         if rank == late:  # still in its last solo step (rank 1: the leader computes its
             time.sleep(LATE_S)  # requests' first stage meanwhile)
+        solo_storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                         for t in engine.stages[0].parameters()}
         membership = reconfigure.drop(engine, link, "g1", layer_link)
         if rank == 0:
+            kept = {t.untyped_storage().data_ptr() for t in engine.stages[0].parameters()}
+            report["dropped_pages_bytes"] = sum(whole_pages(address, nbytes) for address, nbytes
+                                                in solo_storages.items() if address not in kept)
             report["rows_ahead_used"] = engine.runner.rows_ahead_used
             report["ahead_s"] = membership.phases.get("first_stage_ahead")
         if rank == 1:
@@ -125,6 +132,9 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
                 for rid in take(engine.step(), "group"):
                     first_token_step.setdefault(rid, index)
             report["first_token_step"] = first_token_step
+            release = membership.params_release  # after the group's first round
+            report["params_released"] = release.released.wait(10)
+            report["returned_bytes"] = release.returned_bytes
             report["budget_after"] = engine.scheduler.token_budget
             report["max_num_batched_tokens"] = config.max_num_batched_tokens
             blocks = engine.block_manager
@@ -147,6 +157,12 @@ def member_main(port: int, rank: int, config: EngineConfig, prompts: dict[str, l
         import traceback
 
         results.put((rank, {}, {}, traceback.format_exc() or repr(exc)))
+
+
+def whole_pages(address: int, nbytes: int) -> int:
+    """The bytes of the whole pages inside ``[address, address + nbytes)``."""
+    page = mmap.PAGESIZE
+    return max(0, (address + nbytes) // page * page - -(-address // page) * page)
 
 
 @pytest.fixture(scope="module")
@@ -211,6 +227,10 @@ def test_the_moved_requests_go_first_and_nothing_runs_while_their_kv_moves(model
     assert first["a0"] == first["a1"] == 0  # the micro-batch that went out during the drop
     assert leader["completed_after_s"] >= HANDSHAKE_S  # it waited for rank 1's slices
     assert leader["held_tables_left"] == []
+    # the dropped layers' whole pages went back to the kernel (RSS; on Linux), no more
+    assert leader["params_released"] and leader["dropped_pages_bytes"] > 0
+    if sys.platform.startswith("linux"):
+        assert leader["returned_bytes"] == leader["dropped_pages_bytes"]
     assert leader["blocks_used"] == leader["tables_used"]  # nothing held, nothing leaked
     for rid, prompt in prompt_of.items():
         expected = hf_greedy(model, prompt, MAX_TOKENS)
@@ -232,6 +252,10 @@ def test_a_leader_that_came_last_computes_its_requests_first_stage_at_the_drop(m
     assert leader["budget_while_held"] == [0] * HELD_STEPS  # nothing else runs
     assert leader["completed_after_s"] >= HANDSHAKE_S
     assert leader["held_tables_left"] == []
+    # the dropped layers' whole pages went back to the kernel (RSS; on Linux), no more
+    assert leader["params_released"] and leader["dropped_pages_bytes"] > 0
+    if sys.platform.startswith("linux"):
+        assert leader["returned_bytes"] == leader["dropped_pages_bytes"]
     cancelled = leader["cancelled"]
     for rid, prompt in prompt_of.items():
         expected = hf_greedy(model, prompt, MAX_TOKENS)

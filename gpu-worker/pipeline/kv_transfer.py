@@ -37,8 +37,12 @@ has already queued: it cannot wait on another member's helper thread.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import itertools
+import mmap
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -188,6 +192,43 @@ def lower_this_threads_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
     except (AttributeError, OSError):
         pass
+
+
+def return_pages(tensors: list[torch.Tensor]) -> int:
+    """Give the whole pages of each CPU tensor's storage back to the kernel
+    (``madvise(MADV_DONTNEED)``) and return how many bytes that was. The storages read as
+    zeros afterwards: nothing may use them again. The call goes through ctypes, which lets go
+    of the GIL meanwhile, so the page-table work runs beside this process's serving threads;
+    dropping the last reference to the same tensors frees them holding the GIL throughout,
+    and from a low-priority thread that stops the serving threads for as long as it waits
+    for a core. It also returns memory that ``free`` would keep in the C library's heap.
+    Elsewhere than Linux, and for tensors not on the CPU, nothing happens."""
+    advise = _madvise()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors
+                if t.device.type == "cpu"}
+    returned = 0
+    for address, storage in storages.items() if advise is not None else ():
+        start = -(-address // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (address + storage.nbytes()) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start and advise(start, end - start, _MADV_DONTNEED) == 0:
+            returned += end - start
+    return returned
+
+
+_MADV_DONTNEED = 4  # Linux
+
+
+@functools.cache
+def _madvise():
+    """libc's ``madvise`` (None off Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        advise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    advise.argtypes, advise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return advise
 
 
 def _slot(geometry: KVGeometry) -> tuple[int, ...]:

@@ -80,6 +80,7 @@ from kunserve.worker.pipeline.kv_transfer import (
     MoveStats,
     lower_this_threads_priority,
     move_kv,
+    return_pages,
     start_move,
 )
 from kunserve.worker.pipeline.leader_runner import LeaderRunner, StageAhead
@@ -120,6 +121,7 @@ class Membership:
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase
     exchange: KVExchange | None = None  # a drop's KV exchange, running beside the group
     moved: MoveStats | None = None  # a drop's KV exchange that ran before serving
+    params_release: ParamsRelease | None = None  # the dropped layers going back to the kernel
 
     @property
     def rank(self) -> int:
@@ -234,15 +236,21 @@ class KVExchange:
 
 
 class ParamsRelease:
-    """The dropped layers' memory (a move's staging) back to the kernel, at the lowest
-    priority, once the exchange is over and this process has served a round of micro-batches
-    after it (``round_size``: one per stage, so every member's moved requests have had their
-    first token), or ``wait_s`` after the exchange at the latest (phase ``release``). Freeing
-    it takes milliseconds of CPU, holding the GIL: the first tokens after a drop should not
-    wait behind that. The runners call ``served`` after each micro-batch."""
+    """The dropped layers' memory (``params``, the move's staging) back to the kernel, at the
+    lowest priority, once the exchange is over and this process has served a round of
+    micro-batches after it (``round_size``: one per stage, so every member's moved requests
+    have had their first token), or ``wait_s`` after the exchange at the latest (phase
+    ``release``). Their pages go first, with the GIL let go (``return_pages``); the tensors,
+    then empty, are freed after that in microseconds: freeing them whole held the GIL for
+    milliseconds of CPU, stretched by the low priority into tens of them while the serving
+    threads waited. The runners call ``served`` after each micro-batch."""
 
-    def __init__(self, phases: dict[str, float], round_size: int, wait_s: float = 1.0) -> None:
+    def __init__(self, phases: dict[str, float], round_size: int,
+                 params: list[torch.Tensor] | None = None, wait_s: float = 1.0) -> None:
         self._phases, self._round_size, self._wait_s = phases, round_size, wait_s
+        self._params = list(params or [])
+        self.returned_bytes = 0  # whole pages of the dropped layers' storages given back
+        self.released = threading.Event()
         self._lock = threading.Lock()
         self._served: int | None = None  # micro-batches since the exchange ended
         self._round = threading.Event()
@@ -265,7 +273,12 @@ class ParamsRelease:
             self._served = 0
         lower_this_threads_priority()
         self._round.wait(self._wait_s)
-        self._phases["release"] = move.release()
+        start = time.perf_counter()
+        self.returned_bytes = return_pages(self._params)
+        self._params = []
+        move.release()
+        self._phases["release"] = time.perf_counter() - start
+        self.released.set()
 
     def start(self, move: KVMove) -> None:
         """``run`` on a thread of its own."""
@@ -346,7 +359,8 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
                          for b in p.dst_blocks)
     ready = [s for s in moved if not overlap or incoming.isdisjoint(s.block_table)]
     held = [s for s in moved if overlap and not incoming.isdisjoint(s.block_table)]
-    release = ParamsRelease(phases, round_size=size)
+    release = ParamsRelease(phases, round_size=size, params=staging)
+    membership.params_release = release
     if link.is_leader:
         engine.install(LeaderRunner(executor, link, depth=size, ahead=ahead,
                                     served=release.served), memory)
@@ -363,7 +377,7 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     try:
         move = start_move(cache, layer_link if overlap else link, rank, layout.pieces, geometry,
                           layout.num_blocks, layers.start, staging)
-        del staging  # the move keeps what it still uses
+        del staging  # the move keeps what it still uses, the release all of it
         if overlap:
             membership.exchange = KVExchange(move, layer_link, held, phases, on_exchanged,
                                              start, incoming, release)
