@@ -197,12 +197,12 @@ def lower_this_threads_priority() -> None:
 def return_pages(tensors: list[torch.Tensor]) -> int:
     """Give the whole pages of each CPU tensor's storage back to the kernel
     (``madvise(MADV_DONTNEED)``) and return how many bytes that was. The storages read as
-    zeros afterwards: nothing may use them again. The call goes through ctypes, which lets go
-    of the GIL meanwhile, so the page-table work runs beside this process's serving threads;
-    dropping the last reference to the same tensors frees them holding the GIL throughout,
-    and from a low-priority thread that stops the serving threads for as long as it waits
-    for a core. It also returns memory that ``free`` would keep in the C library's heap.
-    Elsewhere than Linux, and for tensors not on the CPU, nothing happens."""
+    zeros afterwards: nothing may use them again. Freeing the tensors does not do this: the C
+    library keeps freed blocks of a few MB in its heap for reuse (a member's resident memory
+    did not fall after a drop), and where it does unmap one it does so holding the GIL. The
+    call goes through ctypes, which lets go of the GIL meanwhile, so this process's serving
+    threads run beside it. Elsewhere than Linux, and for tensors not on the CPU, nothing
+    happens."""
     advise = _madvise()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors
                 if t.device.type == "cpu"}

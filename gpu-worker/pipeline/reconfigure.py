@@ -240,10 +240,9 @@ class ParamsRelease:
     lowest priority, once the exchange is over and this process has served a round of
     micro-batches after it (``round_size``: one per stage, so every member's moved requests
     have had their first token), or ``wait_s`` after the exchange at the latest (phase
-    ``release``). Their pages go first, with the GIL let go (``return_pages``); the tensors,
-    then empty, are freed after that in microseconds: freeing them whole held the GIL for
-    milliseconds of CPU, stretched by the low priority into tens of them while the serving
-    threads waited. The runners call ``served`` after each micro-batch."""
+    ``release``). Their pages go back first (``return_pages``, the GIL let go meanwhile):
+    freeing the tensors alone left them in the C library's heap. The runners call ``served``
+    after each micro-batch."""
 
     def __init__(self, phases: dict[str, float], round_size: int,
                  params: list[torch.Tensor] | None = None, wait_s: float = 1.0) -> None:
