@@ -61,6 +61,8 @@ def test_each_policy_behaves_as_named_in_one_compare(model, tmp_path):
     assert did["infercept"]["swap-outs"] > 0 and did["infercept"]["drops"] == 0, did
     assert did["kunserve"]["drops"] >= 1 and did["kunserve"]["restores"] >= 1, did
     assert did["vllm-pp"]["pipelined at start"] == 2 and did["vllm-pp"]["restores"] == 0, did
+    # the llumnix row reports its migrations; whether one happens in so short a burst depends
+    # on timing (that the planner migrates: test_llumnix_planner.py)
     assert did["llumnix"]["drops"] == 0 and "migrated requests" in did["llumnix"], did
     assert all(did[p]["pipelined at start"] == 0 for p in POLICIES if p != "vllm-pp"), did
     assert "what each policy did" in text and "migrated requests" in text

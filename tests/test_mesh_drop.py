@@ -20,6 +20,8 @@ from tests.stack import running_stack
 TOKEN = "test-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_TOKENS = 32
+KILLED_MAX_TOKENS = 300  # streams still running at the kill
+LONG_TOKENS = 1500  # streams that outlast a drop and a restore (read partly: ``stop_after``)
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +35,13 @@ def models(tmp_path_factory) -> dict[str, str]:
 
 
 async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[int],
-                            started: asyncio.Event) -> list[int]:
-    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+                            started: asyncio.Event, max_tokens: int = MAX_TOKENS,
+                            tokens: list[int] | None = None) -> list[int]:
+    """Stream one greedy completion; its token ids go into ``tokens`` as they arrive (so a
+    caller can read them while it runs, or after cancelling it)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "ignore_eos": True, "return_token_ids": True}
-    tokens: list[int] = []
+    tokens = [] if tokens is None else tokens
     async with client.stream("POST", "/v1/completions", json=body) as response:
         assert response.status_code == 200, await response.aread()
         async for line in response.aiter_lines():
@@ -51,18 +56,38 @@ async def stream_completion(client: httpx.AsyncClient, model: str, prompt: list[
     return tokens
 
 
-async def start_streams(client, model: str, prompts: list[list[int]]) -> list[asyncio.Task]:
-    """Start streaming completions; return once each has its first tokens (or one failed)."""
+async def start_streams(client, model: str, prompts: list[list[int]],
+                        max_tokens: int = MAX_TOKENS
+                        ) -> tuple[list[asyncio.Task], list[list[int]]]:
+    """Start streaming completions; return once each has its first tokens (raising what a
+    stream raised first), with the tasks and the token lists they fill."""
     started = [asyncio.Event() for _ in prompts]
-    tasks = [asyncio.create_task(stream_completion(client, model, p, e))
-             for p, e in zip(prompts, started, strict=True)]
-    waiting = [asyncio.create_task(e.wait()) for e in started]
-    done, _ = await asyncio.wait(tasks + waiting, timeout=60,
-                                 return_when=asyncio.FIRST_EXCEPTION)
-    for task in done:
-        task.result()  # raises what a stream raised
-    assert all(e.is_set() for e in started), "no first tokens within 60 s"
-    return tasks
+    got: list[list[int]] = [[] for _ in prompts]
+    tasks = [asyncio.create_task(stream_completion(client, model, p, e, max_tokens, t))
+             for p, e, t in zip(prompts, started, got, strict=True)]
+    all_started = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in started)))
+    pending = {all_started, *tasks}
+    async with asyncio.timeout(60):
+        while not all_started.done():
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done - {all_started}:
+                task.result()  # raises what a stream raised
+    return tasks, got
+
+
+async def stop_after(tasks: list[asyncio.Task], got: list[list[int]], more: int) -> None:
+    """Let every stream get ``more`` tokens past what it has now (or end), then stop
+    reading the rest (the gateway aborts them)."""
+    marks = [len(tokens) for tokens in got]
+    async with asyncio.timeout(60):
+        while not all(task.done() or len(tokens) >= mark + more
+                      for task, tokens, mark in zip(tasks, got, marks, strict=True)):
+            await asyncio.sleep(0.01)
+    for task in tasks:
+        task.cancel()
+    for result in await asyncio.gather(*tasks, return_exceptions=True):
+        if not isinstance(result, (list, asyncio.CancelledError)):
+            raise result
 
 
 async def cluster(client: httpx.AsyncClient) -> dict:
@@ -93,10 +118,11 @@ async def drop_and_restore_while_streaming(url: str, model_dir: str, instances: 
 
         prompts = make_prompts(2 * instances, vocab=500,
                                lengths=[4 + 7 * i for i in range(2 * instances)])
-        tasks = await start_streams(client, model, prompts)
+        tasks, got = await start_streams(client, model, prompts, LONG_TOKENS)
 
         dropped = await client.post("/v1/cluster/drop", json={}, headers=AUTH)
         assert dropped.status_code == 200, dropped.text
+        assert not any(task.done() for task in tasks), "a stream ended before the drop did"
         group = dropped.json()["group"]
         view = await wait_for_states(client, "pipelined", instances)
         assert view["epoch"] == dropped.json()["epoch"]
@@ -112,11 +138,15 @@ async def drop_and_restore_while_streaming(url: str, model_dir: str, instances: 
 
         # requests that arrive while pipelined go to the leader and stream too
         late = make_prompts(2, vocab=500, seed=5, lengths=[9, 3])
-        tasks += await start_streams(client, model, late)
+        late_tasks, late_got = await start_streams(client, model, late, LONG_TOKENS)
+        tasks, got = tasks + late_tasks, got + late_got
 
         restored = await client.post("/v1/cluster/restore", json={"group": group},
                                      headers=AUTH)
         assert restored.status_code == 200, restored.text
+        assert not any(task.done() for task in tasks), "a stream ended before the restore did"
+        await stop_after(tasks, got, more=8)  # every stream goes on after the restore
+
         def memory(view: dict) -> dict:
             return {i["id"]: (i["parameter_bytes"], i["kv_bytes"], i["blocks_total"])
                     for i in view["instances"]}
@@ -127,9 +157,9 @@ async def drop_and_restore_while_streaming(url: str, model_dir: str, instances: 
             assert asyncio.get_running_loop().time() < deadline, (memory(back), memory(solo))
             await asyncio.sleep(0.1)
 
-        results = await asyncio.wait_for(asyncio.gather(*tasks), 120)
-        for prompt, tokens in zip(prompts + late, results, strict=True):
-            assert tokens == hf_greedy(model_dir, prompt, MAX_TOKENS)
+        # greedy: what each stream got is the start of transformers' continuation
+        for prompt, tokens in zip(prompts + late, got, strict=True):
+            assert len(tokens) > 8 and tokens == hf_greedy(model_dir, prompt, len(tokens))
 
 
 @pytest.mark.parametrize("model,instances", [("5 layers", 2), ("4 layers", 4)],
@@ -171,10 +201,10 @@ def test_a_member_that_cannot_prepare_leaves_everyone_solo_and_serving(models, t
 
 @pytest.mark.parametrize("victim", ["worker-0"], ids=["leader"])
 def test_a_member_killed_while_pipelined_loses_no_request(models, tmp_path, victim):
-    """SIGKILL the leader of a pipelined pair while greedy requests stream. The survivor falls
-    back to solo and the gateway resubmits the requests (prompt plus the tokens already
-    streamed) to it: every stream ends with exactly transformers' tokens, none lost or
-    repeated. (A killed follower: the leader recomputes its requests itself,
+    """SIGKILL the leader of a pipelined pair while greedy requests it serves stream. The
+    survivor falls back to solo and the gateway resubmits the requests (prompt plus the tokens
+    already streamed) to it: every stream ends with exactly transformers' tokens, none lost or
+    repeated, and the gateway counts the failovers. (A killed follower: the leader recomputes its requests itself,
     ``test_worker_drop.py`` and ``test_reconfigure.py``.)"""
     with running_stack(models["4 layers"], tmp_path, instances=2,
                        admin_token=TOKEN) as (up, url):
@@ -185,16 +215,26 @@ def test_a_member_killed_while_pipelined_loses_no_request(models, tmp_path, vict
             async with httpx.AsyncClient(base_url=url, timeout=180) as client:
                 model = (await client.get("/v1/models")).json()["data"][0]["id"]
                 await wait_for_states(client, "solo", 2)
-                prompts = make_prompts(4, vocab=500, seed=3, lengths=[5, 14, 23, 8])
-                tasks = await start_streams(client, model, prompts)
                 dropped = await client.post("/v1/cluster/drop", json={}, headers=AUTH)
                 assert dropped.status_code == 200, dropped.text
+                await wait_for_states(client, "pipelined", 2)
+                # streams sent to the group (its leader), long enough to be running at the
+                # kill: the tiny model decodes a few hundred tokens in about the time a drop
+                # takes, so streams started before the drop had ended by then
+                prompts = make_prompts(4, vocab=500, seed=3, lengths=[5, 14, 23, 8])
+                tasks, _ = await start_streams(client, model, prompts, KILLED_MAX_TOKENS)
+                assert not any(task.done() for task in tasks), "a stream ended before the kill"
                 os.kill(process.pid, signal.SIGKILL)
                 results = await asyncio.wait_for(asyncio.gather(*tasks), 150)
                 for prompt, tokens in zip(prompts, results, strict=True):
-                    assert tokens == hf_greedy(models["4 layers"], prompt, MAX_TOKENS)
+                    assert tokens == hf_greedy(models["4 layers"], prompt, KILLED_MAX_TOKENS)
                 survivor = await wait_for_states(client, "solo", 1)
                 assert [i["id"] for i in survivor["instances"]] == [
                     ({"worker-0", "worker-1"} - {victim}).pop()]
+                # the leader held every request after the drop: each was resubmitted
+                metrics = (await client.get("/metrics")).text
+                failovers = [line for line in metrics.splitlines()
+                             if line.startswith("kunserve:failovers_total")]
+                assert failovers and float(failovers[0].split()[-1]) >= 1, failovers
 
         asyncio.run(run())

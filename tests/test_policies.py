@@ -37,7 +37,7 @@ async def burst(url: str, model_dir: str, n: int) -> tuple[dict, str]:
     async with httpx.AsyncClient(base_url=url, timeout=180) as client:
         name = (await client.get("/v1/models")).json()["data"][0]["id"]
         prompts = make_prompts(n, vocab=500, seed=11, lengths=[10 + 3 * i for i in range(n)])
-        tasks = await start_streams(client, name, prompts)
+        tasks, _ = await start_streams(client, name, prompts)
         results = await asyncio.wait_for(asyncio.gather(*tasks), 150)
         for prompt, tokens in zip(prompts, results, strict=True):
             assert tokens == hf_greedy(model_dir, prompt, MAX_TOKENS)
@@ -59,22 +59,19 @@ def test_vllm_pp_serves_from_static_pairs(model, tmp_path):
         asyncio.run(run())
 
 
-def test_llumnix_balances_by_migration_and_keeps_every_token(model, tmp_path):
-    """Two instances with a small KV cache and a burst: the planner may move running
-    requests from the one short of KV to the other (migrations depend on timing: one run in
-    three here); every request still ends with transformers' tokens and nothing is
-    dropped."""
+def test_llumnix_never_drops_and_keeps_every_token(model, tmp_path):
+    """Two instances with a small KV cache and a burst under the llumnix policy: nothing is
+    dropped, every request still ends with transformers' tokens, and no migration the planner
+    started failed. Whether one runs at all depends on timing here (one run in three); that
+    the planner migrates from the instance short of KV to the freer one is proven by
+    ``test_llumnix_planner.py``, the mechanism by ``test_migration.py``."""
     budget = small_budget(model, blocks=12)
     with running_stack(model, tmp_path, instances=2, admin_token=TOKEN, policy="llumnix",
                        memory_per_instance=budget) as (_, url):
         view, metrics = asyncio.run(burst(url, model, 10))
     assert {i["state"] for i in view["instances"]} == {"solo"}
     assert metric(metrics, "kunserve:drops_total") == 0
-    # whether one instance runs short while the other has room depends on timing; any
-    # migration the planner started succeeded (the mechanism: test_migration.py)
-    assert 'kunserve:migrations_total{outcome="ok"}' in metrics
     assert metric(metrics, 'kunserve:migrations_total{outcome="failed"}') == 0
-    assert "kunserve:migrated_requests_total" in metrics  # how many moved, if any did
 
 
 @pytest.mark.parametrize("policy", ["infercept", "vllm"])

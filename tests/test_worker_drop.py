@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from kunserve.protocol import (
     AbortGroup,
+    AbortRequest,
     CommitGroup,
     ControlReply,
     GroupPlan,
@@ -32,6 +33,8 @@ pytest_plugins = ["tests.mesh_fixtures"]
 
 MAX_TOKENS = 40
 MIGRATED_TOKENS = 250
+LONG_TOKENS = 1500  # streams that outlast a drop and a restore (then aborted: ``stop_after``)
+KILLED_TOKENS = 600  # streams still running when a member is killed, served to the end
 
 
 @pytest.fixture
@@ -68,16 +71,29 @@ async def start_streams(nc, ids, prompts, max_tokens: int = MAX_TOKENS):
     return streams
 
 
+async def stop_after(nc, streams, more: int) -> None:
+    """Let every stream get ``more`` tokens past what it has now (or end), then abort it."""
+    marks = [len(s.token_ids) for s in streams]
+    async with asyncio.timeout(60):
+        while not all(s.done.is_set() or len(s.token_ids) >= m + more
+                      for s, m in zip(streams, marks, strict=True)):
+            await asyncio.sleep(0.01)
+    for stream in streams:
+        await nc.publish(Subjects.ABORT, encode(AbortRequest(
+            request_id=stream.request.request_id)))
+
+
 async def test_drop_while_streaming_then_restore_keeps_every_token(
         spawn_workers, nc, rclient, store, mesh_model_dir):
     ids = ["w0", "w1"]
     spawn_workers(ids)
     solo = {i: await read_load(rclient, i) for i in ids}
     prompts = make_prompts(4, vocab=500, lengths=[5, 17, 9, 30])
-    streams = await start_streams(nc, ids, prompts)
+    streams = await start_streams(nc, ids, prompts, LONG_TOKENS)
 
     group = plan(store, ids, epoch=1)
     await drop(nc, ids, group)
+    assert not any(s.done.is_set() for s in streams), "a stream ended before the commit"
     leader = await wait_for_load(rclient, "w0", lambda x: x.state == "pipelined")
     follower = await wait_for_load(rclient, "w1", lambda x: x.state == "pipelined")
     assert (leader.group_id, leader.stage, leader.layer_start, leader.layer_end) == ("g1", 0, 0, 1)
@@ -90,23 +106,29 @@ async def test_drop_while_streaming_then_restore_keeps_every_token(
                                encode(make_request(prompts[0], 4)), timeout=5)
     assert refused.data == b"draining"
     late = make_prompts(2, vocab=500, seed=7, lengths=[11, 4])
-    streams += [await send(nc, "w0", make_request(p, MAX_TOKENS)) for p in late]
+    streams += [await send(nc, "w0", make_request(p, LONG_TOKENS)) for p in late]
     await asyncio.wait_for(asyncio.gather(*(s.got_tokens.wait() for s in streams[-2:])), 30)
 
     replies = await to_all(nc, ids, RestoreGroup(epoch=2, group_id="g1"))
     assert all(r.ok for r in replies), replies
+    assert not any(s.done.is_set() for s in streams), "a stream ended before the restore"
+    restored_at = [len(s.updates) for s in streams]
     for i in ids:
         load = await wait_for_load(rclient, i, lambda x: x.state == "solo")
         assert (load.blocks_total, load.parameter_bytes, load.kv_bytes) == (
             solo[i].blocks_total, solo[i].parameter_bytes, solo[i].kv_bytes)
+    await stop_after(nc, streams, more=8)
 
     for stream, prompt in zip(streams, prompts + late, strict=True):
         updates = await stream.finished(60)
         assert [u.error for u in updates if u.error] == []
-        assert stream.token_ids == hf_greedy(mesh_model_dir, prompt, MAX_TOKENS)
-        assert updates[-1].finish_reason == "length"
-    served_by = {u.instance_id for s in streams for u in s.updates}
-    assert served_by == {"w0", "w1"}
+        assert updates[-1].finish_reason in ("abort", "length")
+        tokens = stream.token_ids  # greedy: the start of transformers' continuation
+        assert len(tokens) > 8 and tokens == hf_greedy(mesh_model_dir, prompt, len(tokens))
+    # the restore gave the requests back to both members, which streamed them on
+    after = {u.instance_id for s, n in zip(streams, restored_at, strict=True)
+             for u in s.updates[n:] if u.token_ids}
+    assert after == {"w0", "w1"}
 
 
 async def test_a_prepare_that_cannot_complete_is_aborted_and_everyone_serves_on(
@@ -132,14 +154,16 @@ async def test_a_member_killed_while_pipelined_leaves_the_leader_solo_finishing_
     ids = ["w0", "w1"]
     workers = spawn_workers(ids)
     prompts = make_prompts(4, vocab=500, lengths=[8, 21, 3, 15])
-    streams = await start_streams(nc, ids, prompts)
+    streams = await start_streams(nc, ids, prompts, KILLED_TOKENS)
     await drop(nc, ids, plan(store, ids, epoch=1))
+    assert not any(s.done.is_set() for s in streams), "a stream ended before the kill"
     os.kill(workers[1].process.pid, signal.SIGKILL)
     await wait_for_load(rclient, "w0", lambda x: x.state == "solo", timeout=40)
     for stream, prompt in zip(streams, prompts, strict=True):
         updates = await stream.finished(60)
         assert [u.error for u in updates if u.error] == []
-        assert stream.token_ids == hf_greedy(mesh_model_dir, prompt, MAX_TOKENS)
+        assert updates[-1].finish_reason == "length"
+        assert stream.token_ids == hf_greedy(mesh_model_dir, prompt, KILLED_TOKENS)
 
 
 async def test_migration_moves_running_requests_with_their_kv(
