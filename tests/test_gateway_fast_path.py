@@ -1,7 +1,9 @@
 """The gateway's own work per streamed token and per request stays small (DESIGN: at most
-1 ms added per token, 5 ms added TTFT at p50). The bounds here are loose on purpose (shared CI
-machines); what they catch is a per-token database write, Redis call or O(n) step creeping in.
-Figures are printed: ``pytest -s tests/test_gateway_fast_path.py``."""
+1 ms added per token, 5 ms added TTFT at p50; those figures are measured by ``kunserve bench
+mesh``, README). The bounds here are a quarter and four times those on purpose (shared CI
+machines): what they catch is a per-token database write, Redis call or O(n) step, or a wait
+on the request's path, creeping in. Figures are printed: ``pytest -s
+tests/test_gateway_fast_path.py``."""
 
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from kunserve.ledger import Ledger
 from kunserve.protocol import GenerateRequest, RequestUpdate, Sampling, encode
 
 PER_TOKEN_BOUND_S = 250e-6
-TTFT_BOUND_S = 5e-3
+TTFT_BOUND_S = 20e-3  # 4x the target: a regression guard, not the measurement
 
 
 async def test_per_token_work_is_small(tmp_path):
