@@ -79,10 +79,14 @@ def test_concurrent_requests_spread_over_both_workers(stack, model_name):
     results = asyncio.run(run())
     assert all(r.usage.completion_tokens == 16 for r in results)
     ids = {r.id for r in results}
-    time.sleep(0.5)  # the ledger writes in batches
-    with sqlite3.connect(stack["ledger"]) as db:
-        rows = db.execute("SELECT request_id, dispatch_instance, status FROM requests").fetchall()
-    instances = {inst for rid, inst, status in rows if any(rid in i for i in ids)}
+    deadline = time.monotonic() + 10  # the ledger writes in batches, up to 0.5 s late
+    while True:
+        with sqlite3.connect(stack["ledger"]) as db:
+            rows = db.execute("SELECT request_id, dispatch_instance FROM requests").fetchall()
+        instances = {inst for rid, inst in rows if any(rid in i for i in ids)}
+        if instances == {"worker-0", "worker-1"} or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert instances == {"worker-0", "worker-1"}
 
 
