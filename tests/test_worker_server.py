@@ -278,8 +278,8 @@ async def test_a_long_step_keeps_the_load_key_and_a_hung_engine_lets_it_lapse(
         return step(engine)
 
     monkeypatch.setattr(LLMEngine, "step", long_step)
-    settings = make_settings(nats_server.url, redis_url, mesh_model_dir, liveness_ttl_ms=300,
-                             engine_stall_s=1.0)
+    settings = make_settings(nats_server.url, redis_url, mesh_model_dir, liveness_ttl_ms=600,
+                             engine_stall_s=2.0)  # a refresh every 0.2 s: 0.4 s of slack
     threads = torch.get_num_threads()
     server = WorkerServer(settings)
     await server.start()
@@ -294,11 +294,11 @@ async def test_a_long_step_keeps_the_load_key_and_a_hung_engine_lets_it_lapse(
 
     prompt = [5, 6, 7, 8]
     try:
-        delays.append(0.8)  # 2.7 TTLs, under engine_stall_s: alive all along
+        delays.append(1.6)  # 2.7 TTLs, under engine_stall_s: alive all along
         stream = await send(nc, settings.instance_id, make_request(prompt, max_tokens=4))
         assert not await key_lapsed_while(stream)
         first = stream.token_ids
-        delays.append(2.0)  # over engine_stall_s: presumed hung, the key lapses ...
+        delays.append(3.5)  # over engine_stall_s: presumed hung, the key lapses ...
         stream = await send(nc, settings.instance_id, make_request(prompt, max_tokens=4))
         assert await key_lapsed_while(stream)
         assert stream.token_ids == first
