@@ -13,15 +13,15 @@ idempotent, so it is safe in ``finally`` blocks that run on cancellation.
 Failover: when the instance holding the request dies (``failover.InstanceWatchdog`` calls
 ``instance_lost``), the request is submitted again, as a new *attempt*: prompt = the original
 prompt + the tokens already streamed, ``max_tokens`` less those, same seed; its updates then
-continue the same ``updates`` iterator. For greedy decoding the client gets token for token
-what it would have got without the failure. Each attempt has its own request id
+continue the same ``updates`` iterator; ``resumed_tokens`` tells the worker that the prompt's
+tail is output, so presence/frequency penalties count it and a seeded request's random stream
+goes on past its draws. The client gets token for token what it would have got without the
+failure, greedy or seeded. Each attempt has its own request id
 (``<id>-r<n>``) and updates subject, so a worker that was only presumed dead (its load key
 expired during a long stall) can never interleave its tokens with the new attempt's: updates of
-other attempts are dropped, and the old attempt is aborted. What a resubmission cannot carry
-(``GenerateRequest`` has no field for it): the worker treats the streamed tokens as prompt, so
-presence/frequency penalties restart counting, a seeded sampler restarts its random stream,
-a stop string straddling the failover point is not matched, and text the old worker held back
-(a stop-string prefix, half a multi-byte character) is lost with it.
+other attempts are dropped, and the old attempt is aborted. What a resubmission cannot carry:
+a stop string straddling the failover point is not matched, and text the old worker held
+back (a stop-string prefix, half a multi-byte character) is lost with it.
 
 Per update the work is a queue get, a msgspec decode, a request id compare, the tracker's O(1)
 bookkeeping and appending the update's token ids (the failover's prompt).
@@ -156,7 +156,8 @@ class Generation:
         self._failovers += 1
         self._attempt = msgspec.structs.replace(
             self.request, request_id=f"{self.request_id}-r{self._failovers}", sampling=sampling,
-            prompt_token_ids=self.request.prompt_token_ids + self._output_ids)
+            prompt_token_ids=self.request.prompt_token_ids + self._output_ids,
+            resumed_tokens=len(self._output_ids))
         logger.warning("request %s: instance %s is gone after %d tokens; resubmitted as %s",
                        self.request_id, lost, len(self._output_ids), self._attempt.request_id)
         first = await self._dispatch()
@@ -232,12 +233,10 @@ class Generation:
         if update.finish_reason == "error":
             raise self._fail_from(update)
         self.finish_reason = update.finish_reason or "stop"
-        # the worker counts the tokens streamed before a failover as prompt
-        resumed = len(self._attempt.prompt_token_ids) - len(self.request.prompt_token_ids)
-        self.num_output_tokens = (update.num_output_tokens + resumed
-                                  if update.num_output_tokens else self._tracker.output_tokens)
+        # the worker counts the tokens streamed before a failover as output (resumed_tokens)
+        self.num_output_tokens = update.num_output_tokens or self._tracker.output_tokens
         if update.num_prompt_tokens:
-            self.num_prompt_tokens = update.num_prompt_tokens - resumed
+            self.num_prompt_tokens = update.num_prompt_tokens
         status = RequestStatus.ABORTED if self.finish_reason == "abort" else RequestStatus.FINISHED
         self._tracker.finish(status, self.finish_reason)
         self._release()

@@ -13,7 +13,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -227,21 +227,31 @@ class LLMEngine:
 
     # -- requests ----------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, resumed_tokens: int = 0) -> str:
         """Queue a request. An invalid one (too long, bad token ids) is not raised: it comes
         back from the next ``step`` as finished with ``finish_reason='error'`` and the reason,
-        so the other requests carry on."""
+        so the other requests carry on. ``resumed_tokens``: the last that many tokens of the
+        prompt are output the request already produced elsewhere (a failover's resubmission;
+        ``params.max_tokens`` counts what is left): they count as output for the penalties
+        and a seeded request's random stream starts past their draws."""
         params = params or SamplingParams()
         request_id = request_id or self._new_id()
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         error = self._check_prompt(prompt_ids)
+        if error is None and not 0 <= resumed_tokens < len(prompt_ids):
+            error = (f"resumed_tokens must be in [0, {len(prompt_ids)}) for a prompt of "
+                     f"{len(prompt_ids)} tokens, got {resumed_tokens}")
         if error:
             self._rejected.append(RequestOutput(request_id, [], "", True, "error", error,
                                                 invalid_request=True,
                                                 num_prompt_tokens=len(prompt_ids)))
             return request_id
-        request = Request(request_id, prompt_ids, params, self.model_config.eos_token_ids,
-                          arrival_time=time.monotonic())
+        split = len(prompt_ids) - resumed_tokens
+        if resumed_tokens:
+            params = replace(params, max_tokens=params.max_tokens + resumed_tokens)
+        request = Request(request_id, prompt_ids[:split], params,
+                          self.model_config.eos_token_ids, arrival_time=time.monotonic(),
+                          output_token_ids=prompt_ids[split:])
         self.scheduler.add_request(request)
         if self.tokenizer is not None:
             self._detokenizers[request_id] = IncrementalDetokenizer(

@@ -132,6 +132,7 @@ class AddCommand:
     prompt_token_ids: list[int]
     params: SamplingParams
     reserved_tokens: int
+    resumed_tokens: int = 0  # ``GenerateRequest.resumed_tokens``
 
 
 @dataclass
@@ -310,7 +311,8 @@ class EngineThread:
                 num_prompt_tokens=len(command.prompt_token_ids))])
             return
         try:
-            engine.add_request(command.prompt_token_ids, command.params, command.request_id)
+            engine.add_request(command.prompt_token_ids, command.params, command.request_id,
+                               command.resumed_tokens)
         except Exception as exc:  # e.g. an id the engine already holds
             await self._outlet.emit([RequestOutput(
                 command.request_id, [], "", True, "error", str(exc),

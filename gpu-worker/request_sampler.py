@@ -1,8 +1,10 @@
 """Samples one token per sampling chunk and owns the seeded generators, keyed by request id.
 
-A generator is made on a request's first sample and lives until the engine says the request
-finished (``forget``), so a seeded request draws from one stream for its whole life, across
-preemptions and whatever shares its batch. It lives next to the logits: in a pipeline group,
+A generator is made on a request's first sample here and lives until the engine says the
+request finished (``forget``), so a seeded request draws from one stream for its whole life,
+across preemptions and whatever shares its batch; a request that arrives with tokens it
+produced elsewhere (a failover's resubmission, a group's fallback) starts its stream past the
+draws they took. It lives next to the logits: in a pipeline group,
 on the last stage. The token choice itself is ``sampler.py``'s.
 """
 
@@ -12,7 +14,7 @@ import time
 
 import torch
 
-from kunserve.worker.sampler import Sampler, make_generator
+from kunserve.worker.sampler import Sampler, make_generator, skip_draws
 from kunserve.worker.sampling_params import SamplingParams
 from kunserve.worker.scheduler_output import ScheduledChunk
 
@@ -31,7 +33,7 @@ class RequestSampler:
             logits,
             [c.sampling_params for c in chunks],
             [c.output_token_ids for c in chunks],
-            [self._generator(c) for c in chunks],
+            [self._generator(c, logits.shape[-1]) for c in chunks],
         )
         self.busy_seconds += time.perf_counter() - start
         return tokens
@@ -59,11 +61,14 @@ class RequestSampler:
     def num_generators(self) -> int:
         return len(self._generators)
 
-    def _generator(self, chunk: ScheduledChunk) -> torch.Generator | None:
+    def _generator(self, chunk: ScheduledChunk, vocab_size: int) -> torch.Generator | None:
+        """The request's stream; a new one starts where the request's earlier tokens (sampled
+        elsewhere, or before a group fell back) left it."""
         if chunk.sampling_params.seed is None:
             return None
         generator = self._generators.get(chunk.request_id)
         if generator is None:
             generator = make_generator(chunk.sampling_params, self.device)
+            skip_draws(generator, vocab_size, chunk.num_output_tokens)
             self._generators[chunk.request_id] = generator
         return generator

@@ -35,6 +35,17 @@ def make_generator(
     return generator
 
 
+def skip_draws(generator: torch.Generator, vocab_size: int, samples: int) -> None:
+    """Advance ``generator`` past the random numbers ``samples`` sampled tokens took: a
+    request that already produced that many tokens somewhere else (a failover's resubmission,
+    a group's fallback) goes on with the draws it would have made next. One sample of a
+    ``vocab_size`` row takes the same numbers whatever the probabilities are
+    (``torch.multinomial`` of one sample draws once per entry)."""
+    ones = torch.ones(vocab_size, device=generator.device)
+    for _ in range(samples):
+        torch.multinomial(ones, 1, generator=generator)
+
+
 def apply_penalties(
     logits: torch.Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
 ) -> torch.Tensor:

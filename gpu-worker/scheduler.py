@@ -471,6 +471,7 @@ class Scheduler:
             # a snapshot, and only when penalties read it
             output_token_ids=(list(request.output_token_ids)
                               if request.sampling_params.has_penalties else []),
+            num_output_tokens=request.num_output_tokens,
         )
 
     # -- update ------------------------------------------------------------------------------

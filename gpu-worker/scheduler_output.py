@@ -18,6 +18,7 @@ class ScheduledChunk:
     samples: bool  # the chunk reaches the request's last token: sample the next one
     sampling_params: SamplingParams
     output_token_ids: list[int]  # generated so far; filled only when penalties need it
+    num_output_tokens: int = 0  # generated so far (a seeded stream's draws before this one)
 
     @property
     def num_tokens(self) -> int:

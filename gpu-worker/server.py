@@ -404,7 +404,8 @@ class WorkerServer:
             self._on_finished(Finished(update))
             await self._publish(update)
             return
-        self._engine.add(AddCommand(rid, list(request.prompt_token_ids), params, reserved))
+        self._engine.add(AddCommand(rid, list(request.prompt_token_ids), params, reserved,
+                                    request.resumed_tokens))
         if self._early_aborts.take(rid):
             self._engine.add(AbortCommand(rid))
 

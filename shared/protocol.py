@@ -104,6 +104,11 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     sampling: Sampling
     arrival_time: float = msgspec.field(default_factory=time.time)  # wall clock, seconds
     instance_id: str | None = None  # set by the router
+    # a failover's resubmission: the last this many prompt tokens are output the request
+    # already streamed (``sampling.max_tokens`` counts what is left); the worker goes on as
+    # the request would have: they count for the penalties, and a seeded request's random
+    # stream starts past their draws
+    resumed_tokens: int = 0
 
 
 class RequestUpdate(msgspec.Struct, kw_only=True):

@@ -3,6 +3,8 @@ logits agree to 1e-4 in float32, whatever batching, chunking, preemption or stag
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -126,6 +128,35 @@ def test_seeded_sampling_does_not_depend_on_the_batch(llama_dir):
     other_seed = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=99,
                                 ignore_eos=True)
     assert engine.generate([prompt], other_seed)[0].token_ids != alone
+
+
+def test_a_resumed_request_goes_on_as_if_it_had_never_stopped(llama_dir):
+    """A failover resubmits a request as prompt + the tokens it streamed, with
+    ``resumed_tokens`` saying how many of them are output: a seeded, penalised request then
+    samples exactly the tokens the uninterrupted one did (its random stream goes on past the
+    draws they took, and the penalties count them as output)."""
+    engine = LLMEngine(EngineConfig(model=llama_dir))
+    params = SamplingParams(max_tokens=14, temperature=1.0, seed=11, presence_penalty=0.8,
+                            frequency_penalty=0.4, ignore_eos=True)
+    prompt = make_prompts(1, vocab=500, seed=12)[0]
+    whole = engine.generate([prompt], params)[0].token_ids
+
+    def resumed(streamed: int, resumed_tokens: int) -> list[int]:
+        rid = engine.add_request(prompt + whole[:streamed],
+                                 replace(params, max_tokens=params.max_tokens - streamed),
+                                 resumed_tokens=resumed_tokens)
+        tokens, done = [], False
+        while not done:
+            for out in engine.step():
+                assert out.request_id == rid and out.error is None, out
+                tokens += out.new_token_ids
+                done = out.finished
+        return tokens
+
+    assert resumed(5, 5) == whole[5:]
+    assert resumed(13, 13) == whole[13:]
+    # without the count (the tail read as prompt) the same resubmission samples otherwise
+    assert resumed(5, 0) != whole[5:]
 
 
 def test_prompts_run_concurrently_not_one_after_another(llama_dir):

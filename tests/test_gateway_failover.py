@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ from kunserve.protocol import (
     decode,
     encode,
 )
+from kunserve.worker.engine import EngineConfig, LLMEngine
+from kunserve.worker.sampling_params import SamplingParams
 from tests.conftest import hf_greedy, make_prompts
 from tests.stack import Up, running_stack
 
@@ -141,7 +144,9 @@ class ScriptedMesh:
             await self._send(RequestUpdate(
                 request_id=rid, instance_id=sender, token_ids=[token], text=f"<{token}>",
                 finished=last, finish_reason="length" if last else None,
-                num_prompt_tokens=len(prompt), num_output_tokens=i + 1))
+                # as a worker counts: a resubmission's streamed tail is output
+                num_prompt_tokens=len(prompt) - request.resumed_tokens,
+                num_output_tokens=request.resumed_tokens + i + 1))
 
     async def _abort(self, msg) -> None:
         self.aborts.append(decode(msg.data, AbortRequest).request_id)
@@ -258,9 +263,10 @@ async def test_updates_queued_behind_the_loss_are_dropped():
     assert mesh.submitted[-1].request_id == "r-r1"
     assert mesh.submitted[-1].prompt_token_ids == PROMPT + [10, 11]
     assert mesh.submitted[-1].sampling.max_tokens == 2
+    assert mesh.submitted[-1].resumed_tokens == 2  # the prompt's tail is output
     mesh.send("r-r1", "w-2", token_ids=[12])
     mesh.send("r-r1", "w-2", token_ids=[13], finished=True, finish_reason="length",
-              num_prompt_tokens=5, num_output_tokens=2)
+              num_prompt_tokens=3, num_output_tokens=4)  # a worker counts the tail as output
     got += [(await third).token_ids] + [update.token_ids async for update in updates]
     assert got == [[10], [11], [12], [13]]
     assert (generation.num_prompt_tokens, generation.num_output_tokens) == (3, 4)
@@ -299,8 +305,9 @@ async def test_without_failovers_the_request_fails_at_once(tmp_path):
 @pytest.fixture(scope="module")
 def stack(model_dirs, tmp_path_factory):
     model_dir = model_dirs["llama-gqa"]
-    with running_stack(model_dir, tmp_path_factory.mktemp("state")) as (up, url):
-        yield {"url": url, "up": up, "model_dir": model_dir}
+    state = tmp_path_factory.mktemp("state")
+    with running_stack(model_dir, state) as (up, url):
+        yield {"url": url, "up": up, "model_dir": model_dir, "ledger": state / "ledger.db"}
 
 
 def worker_process(up: Up, instance_id: str) -> psutil.Process:
@@ -314,18 +321,27 @@ def worker_process(up: Up, instance_id: str) -> psutil.Process:
 
 
 def test_a_killed_worker_loses_no_request(stack):
-    """Greedy streams on both workers; worker-0 is SIGKILLed once each has streamed a few
-    tokens. Every client gets transformers' greedy tokens, in one stream, without error."""
-    max_tokens, n_requests = 300, 6
-    prompts = make_prompts(n_requests, 512, seed=11, lengths=[8, 13, 21, 5, 34, 17])
+    """Streams on both workers, greedy and seeded-sampled with penalties; worker-0 is
+    SIGKILLed once each has streamed a few tokens. Every client gets, in one stream and
+    without error, what an uninterrupted run gives: transformers' greedy tokens, and for a
+    seeded request the engine's own tokens for that seed (the resubmission says how many
+    streamed tokens are output: its random stream and penalties go on where they were)."""
+    max_tokens = 300
+    kinds = ["greedy", "seeded", "seeded", "greedy", "greedy", "seeded", "seeded", "greedy"]
+    prompts = make_prompts(len(kinds), 512, seed=11, lengths=[8, 13, 21, 5, 34, 17, 11, 26])
     model = httpx.get(f"{stack['url']}/v1/models", timeout=10).json()["data"][0]["id"]
-    streamed = [0] * n_requests
+    streamed = [0] * len(kinds)
 
-    async def one(client: httpx.AsyncClient, i: int) -> tuple[list[int], list[dict]]:
+    def sampling(i: int) -> dict:
+        if kinds[i] == "greedy":
+            return {"temperature": 0}
+        return {"temperature": 1.0, "seed": 100 + i, "presence_penalty": 0.5,
+                "frequency_penalty": 0.3}
+
+    async def one(client: httpx.AsyncClient, i: int) -> tuple[list[int], list[dict], str]:
         body = {"model": model, "prompt": prompts[i], "max_tokens": max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True,
-                "return_token_ids": True}
-        ids, errors = [], []
+                "ignore_eos": True, "stream": True, "return_token_ids": True, **sampling(i)}
+        ids, errors, response_id = [], [], ""
         async with client.stream("POST", "/v1/completions", json=body) as response:
             assert response.status_code == 200
             async for line in response.aiter_lines():
@@ -333,10 +349,11 @@ def test_a_killed_worker_loses_no_request(stack):
                     continue
                 event = json.loads(line.removeprefix("data: "))
                 errors += [event["error"]] if "error" in event else []
+                response_id = event.get("id", response_id)
                 for choice in event.get("choices", []):
                     ids += choice.get("token_ids") or []
                 streamed[i] = len(ids)
-        return ids, errors
+        return ids, errors, response_id
 
     async def kill_when_all_stream() -> None:
         while min(streamed) < 5:
@@ -345,15 +362,32 @@ def test_a_killed_worker_loses_no_request(stack):
 
     async def run():
         async with httpx.AsyncClient(base_url=stack["url"], timeout=120) as client:
-            results = await asyncio.gather(*(one(client, i) for i in range(n_requests)),
+            results = await asyncio.gather(*(one(client, i) for i in range(len(kinds))),
                                            kill_when_all_stream())
             metrics = (await client.get("/metrics")).text
         return results[:-1], metrics
 
     results, metrics = asyncio.run(run())
-    for prompt, (ids, errors) in zip(prompts, results, strict=True):
+    engine = LLMEngine(EngineConfig(model=stack["model_dir"]))
+    for i, (prompt, (ids, errors, _)) in enumerate(zip(prompts, results, strict=True)):
         assert errors == []
-        assert ids == hf_greedy(stack["model_dir"], prompt, max_tokens)
+        if kinds[i] == "greedy":
+            assert ids == hf_greedy(stack["model_dir"], prompt, max_tokens), i
+        else:
+            params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampling(i))
+            assert ids == engine.generate([prompt], params)[0].token_ids, i
+    # the ledger keeps each request's first dispatch: a seeded one was on worker-0
+    deadline = time.monotonic() + 10
+    while True:
+        with sqlite3.connect(stack["ledger"]) as db:
+            rows = dict(db.execute("SELECT request_id, dispatch_instance FROM requests"))
+        first = [next((inst for rid, inst in rows.items() if rid in response_id), None)
+                 for _, _, response_id in results]
+        if None not in first or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert "worker-0" in {inst for inst, kind in zip(first, kinds, strict=True)
+                          if kind == "seeded"}, first
     failovers = [line for line in metrics.splitlines()
                  if line.startswith("kunserve:failovers_total")]
     assert failovers and float(failovers[0].split()[-1]) >= 1, "worker-0 held none of them"

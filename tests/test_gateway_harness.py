@@ -153,7 +153,9 @@ class FakeMesh:
             await msg.respond(self.instance_id.encode())
 
     async def _run(self, request: GenerateRequest) -> None:
-        rid, n_prompt = request.request_id, len(request.prompt_token_ids)
+        # as a worker counts: a failover's streamed tail (resumed_tokens) is output
+        rid, resumed = request.request_id, request.resumed_tokens
+        n_prompt = len(request.prompt_token_ids) - resumed
         if self.mode == "hold":
             self._held[rid] = asyncio.Event()
             await self._held[rid].wait()
@@ -173,7 +175,8 @@ class FakeMesh:
                 finished=last or failed,
                 finish_reason="error" if failed else ("length" if last else None),
                 error="CUDA error: out of memory" if failed else None,
-                num_prompt_tokens=n_prompt, num_output_tokens=i + (0 if failed else 1)))
+                num_prompt_tokens=n_prompt,
+                num_output_tokens=resumed + i + (0 if failed else 1)))
             if failed:
                 return
 
