@@ -16,12 +16,13 @@ prompt + the tokens already streamed, ``max_tokens`` less those, same seed; its 
 continue the same ``updates`` iterator; ``resumed_tokens`` tells the worker that the prompt's
 tail is output, so presence/frequency penalties count it and a seeded request's random stream
 goes on past its draws. The client gets token for token what it would have got without the
-failure, greedy or seeded. Each attempt has its own request id
+failure, greedy or seeded; its text too: the new worker sends the streamed tokens' text
+again first (``IncrementalDetokenizer.replay``, what the lost worker held back included) and
+the characters the client already has are skipped, so a stop string straddling the failover
+point is found and no held-back text is lost. Each attempt has its own request id
 (``<id>-r<n>``) and updates subject, so a worker that was only presumed dead (its load key
 expired during a long stall) can never interleave its tokens with the new attempt's: updates of
-other attempts are dropped, and the old attempt is aborted. What a resubmission cannot carry:
-a stop string straddling the failover point is not matched, and text the old worker held
-back (a stop-string prefix, half a multi-byte character) is lost with it.
+other attempts are dropped, and the old attempt is aborted.
 
 Per update the work is a queue get, a msgspec decode, a request id compare, the tracker's O(1)
 bookkeeping and appending the update's token ids (the failover's prompt).
@@ -73,6 +74,8 @@ class Generation:
         self._max_failovers = max_failovers
         self._attempt = request  # what is on the mesh now (its id: the updates subject)
         self._output_ids: list[int] = []  # streamed so far: the prompt tail of a failover
+        self._text_sent = 0  # characters the client got
+        self._text_to_skip = 0  # of a resubmission's text: what the client already has
         self._lost = False  # the holder died; the failover has not been accepted yet
         self._failovers = 0
         self._headers: dict[str, str] = {}  # the trace context, for every attempt
@@ -111,6 +114,7 @@ class Generation:
             if update is None:
                 update = await self._next(self._request_timeout_s, "the worker went silent")
             self.instance_id = update.instance_id or self.instance_id  # a group's leader
+            update = self._new_text_only(update)
             if update.token_ids or update.text or update.finished:
                 self._observe(update)
                 yield update
@@ -154,6 +158,7 @@ class Generation:
             self.request.sampling,
             max_tokens=self.request.sampling.max_tokens - len(self._output_ids))
         self._failovers += 1
+        self._text_to_skip = self._text_sent
         self._attempt = msgspec.structs.replace(
             self.request, request_id=f"{self.request_id}-r{self._failovers}", sampling=sampling,
             prompt_token_ids=self.request.prompt_token_ids + self._output_ids,
@@ -223,6 +228,16 @@ class Generation:
                 continue
             if update.request_id == self._attempt.request_id:  # else: an abandoned attempt's
                 return update
+
+    def _new_text_only(self, update: RequestUpdate) -> RequestUpdate:
+        """A resubmission's worker sends the streamed tokens' text again first (their part
+        the lost worker held back included): skip what the client already has."""
+        if update.text and self._text_to_skip:
+            cut = min(self._text_to_skip, len(update.text))
+            self._text_to_skip -= cut
+            update = msgspec.structs.replace(update, text=update.text[cut:])
+        self._text_sent += len(update.text)
+        return update
 
     def _observe(self, update: RequestUpdate) -> None:
         if update.token_ids:

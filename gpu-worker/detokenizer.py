@@ -91,17 +91,29 @@ class IncrementalDetokenizer:
     def append(self, token_ids: Sequence[int]) -> str:
         """Add newly generated tokens; return the text they complete (possibly "").
 
-        Returns "" once ``stopped``: tokens after a stop string are ignored.
+        Once ``stopped``, tokens are ignored and only text not returned yet comes back (a
+        ``replay`` that ended in a stop string).
         """
-        if self.stopped or not token_ids:
+        if self.stopped:
+            return self._release("", final=True)
+        if not token_ids:
             return ""
         self._window.extend(token_ids)
         return self._release(self._decode_new(final=False), final=False)
 
+    def replay(self, token_ids: Sequence[int]) -> None:
+        """Take in output generated elsewhere (a failover's resubmission): its text, stop
+        strings checked, is not returned now but with the next ``append`` or ``flush``, ahead
+        of theirs. The client already has the part the first worker released; the gateway
+        skips that many characters, and the rest (what that worker held back: a stop
+        string's prefix, half a character) reaches the client after all."""
+        self.append(token_ids)
+        self._released = 0
+
     def flush(self) -> str:
         """Return all text still held back; call once when the request ends otherwise."""
         if self.stopped:
-            return ""
+            return self._release("", final=True)
         return self._release(self._decode_new(final=True), final=True)
 
     def _decode(self, token_ids: list[int]) -> str:

@@ -232,8 +232,9 @@ class LLMEngine:
         back from the next ``step`` as finished with ``finish_reason='error'`` and the reason,
         so the other requests carry on. ``resumed_tokens``: the last that many tokens of the
         prompt are output the request already produced elsewhere (a failover's resubmission;
-        ``params.max_tokens`` counts what is left): they count as output for the penalties
-        and a seeded request's random stream starts past their draws."""
+        ``params.max_tokens`` counts what is left): they count as output for the penalties,
+        a seeded request's random stream starts past their draws, and their text comes first
+        in the request's first output (``IncrementalDetokenizer.replay``)."""
         params = params or SamplingParams()
         request_id = request_id or self._new_id()
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -254,8 +255,10 @@ class LLMEngine:
                           output_token_ids=prompt_ids[split:])
         self.scheduler.add_request(request)
         if self.tokenizer is not None:
-            self._detokenizers[request_id] = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, stop=params.stop)
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt_ids[:split],
+                                                 stop=params.stop)
+            detokenizer.replay(prompt_ids[split:])  # their text comes with the first output
+            self._detokenizers[request_id] = detokenizer
         return request_id
 
     def encode(self, text: str) -> list[int]:

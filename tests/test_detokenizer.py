@@ -195,3 +195,30 @@ def test_decode_window_stays_bounded(tokenizer: Tokenizer):
     assert "".join(deltas) == tokenizer.decode(output)
     assert max(recording.lengths) <= 16
     assert len(recording.lengths) <= 2 * len(output) + 2
+
+
+@pytest.mark.parametrize("stop", [[], ["and a"], ["😀"]])
+@pytest.mark.parametrize("split", [1, 3, 5, 8])
+def test_a_failover_resumed_detokenizer_gives_the_client_the_same_text(
+        tokenizer: Tokenizer, stop: list[str], split: int):
+    """A request streams ``split`` tokens on one worker (the text it released reaches the
+    client), dies, and goes on on another, which ``replay``s those tokens: the gateway skips
+    the characters the client already has, and the client ends with exactly the text of an
+    uninterrupted run, stop string (which may straddle the failover point) and held-back
+    text included."""
+    prompt = ids(tokenizer, "The prompt: ")
+    output = ids(tokenizer, "x 😀 and a 你好 then a ñandú and more")
+    whole = IncrementalDetokenizer(tokenizer, prompt, stop=stop)
+    uninterrupted = "".join(stream(whole, output)) + whole.flush()
+
+    first = IncrementalDetokenizer(tokenizer, prompt, stop=stop)
+    delivered = "".join(stream(first, output[:split]))
+    if first.stopped:  # the first worker finished the request itself
+        assert delivered == uninterrupted
+        return
+    second = IncrementalDetokenizer(tokenizer, prompt, stop=stop)
+    second.replay(output[:split])
+    rest = "".join(stream(second, output[split:])) + second.flush()
+    assert rest.startswith(delivered)  # what the gateway skips
+    assert delivered + rest[len(delivered):] == uninterrupted
+    assert second.stopped == whole.stopped and second.text == whole.text

@@ -139,22 +139,26 @@ def test_a_resumed_request_goes_on_as_if_it_had_never_stopped(llama_dir):
     params = SamplingParams(max_tokens=14, temperature=1.0, seed=11, presence_penalty=0.8,
                             frequency_penalty=0.4, ignore_eos=True)
     prompt = make_prompts(1, vocab=500, seed=12)[0]
-    whole = engine.generate([prompt], params)[0].token_ids
+    completion = engine.generate([prompt], params)[0]
+    whole = completion.token_ids
+    texts: list[str] = []
 
     def resumed(streamed: int, resumed_tokens: int) -> list[int]:
         rid = engine.add_request(prompt + whole[:streamed],
                                  replace(params, max_tokens=params.max_tokens - streamed),
                                  resumed_tokens=resumed_tokens)
-        tokens, done = [], False
+        tokens, text, done = [], "", False
         while not done:
             for out in engine.step():
                 assert out.request_id == rid and out.error is None, out
-                tokens += out.new_token_ids
-                done = out.finished
+                tokens, text, done = tokens + out.new_token_ids, text + out.new_text, out.finished
+        texts.append(text)
         return tokens
 
     assert resumed(5, 5) == whole[5:]
     assert resumed(13, 13) == whole[13:]
+    # the streamed tokens' text comes again first (the gateway skips what the client has)
+    assert texts == [completion.text, completion.text]
     # without the count (the tail read as prompt) the same resubmission samples otherwise
     assert resumed(5, 0) != whole[5:]
 

@@ -75,12 +75,16 @@ class Worker:
     """``dies_after``: tokens it streams before it dies (stops, and its load key goes);
     ``lingers``: it only seems dead (its key goes, as in a long stall) and streams on;
     ``hand_over_to``: from the 3rd token on its updates come from that instance (a group's
-    leader after a drop), and from the 5th it has no load key of its own."""
+    leader after a drop), and from the 5th it has no load key of its own; ``holds_back``:
+    each token's text goes out with the next token (as a worker holds back a stop string's
+    prefix), so a death loses the last one's. Like a worker, it sends the text of a
+    resubmission's streamed tokens (``resumed_tokens``) again first."""
 
     instance_id: str
     dies_after: int | None = None
     lingers: bool = False
     hand_over_to: str | None = None
+    holds_back: bool = False
 
 
 @dataclass
@@ -130,6 +134,8 @@ class ScriptedMesh:
                                        accepted=True))
         output = scripted_output(prompt, request.sampling.max_tokens)
         sender = worker.instance_id
+        resumed = prompt[len(prompt) - request.resumed_tokens:]
+        held = "".join(f"<{t}>" for t in resumed)  # their text, sent again first
         for i, token in enumerate(output):
             if i == worker.dies_after:
                 await self.redis.delete(RedisKeys.load(worker.instance_id))
@@ -141,8 +147,10 @@ class ScriptedMesh:
                 await self.redis.delete(RedisKeys.load(worker.instance_id))
             await asyncio.sleep(self.token_delay_s)
             last = i == len(output) - 1
+            text, held = (held, f"<{token}>") if worker.holds_back and not last else (
+                held + f"<{token}>", "")
             await self._send(RequestUpdate(
-                request_id=rid, instance_id=sender, token_ids=[token], text=f"<{token}>",
+                request_id=rid, instance_id=sender, token_ids=[token], text=text,
                 finished=last, finish_reason="length" if last else None,
                 # as a worker counts: a resubmission's streamed tail is output
                 num_prompt_tokens=len(prompt) - request.resumed_tokens,
@@ -192,6 +200,21 @@ async def test_the_rest_is_resubmitted_and_the_stream_goes_on(tmp_path):
     assert second.sampling.seed == 7
     assert first.request_id in mesh.aborts  # in case the presumed dead one still runs it
     assert "kunserve:failovers_total 1.0" in metrics
+
+
+async def test_text_the_lost_worker_held_back_reaches_the_client_once(tmp_path):
+    """w-a sends each token's text one token late (held back, as for a stop string's prefix)
+    and dies with the 4th token's text unsent; w-b sends the 4 streamed tokens' text again
+    first: the gateway skips what the client has, so the client gets every token's text
+    exactly once."""
+    n = 12
+    async with ScriptedMesh([Worker("w-a", dies_after=4, holds_back=True), Worker("w-b")]) \
+            as mesh, gateway_client(settings(tmp_path)) as (_, client):
+        ids, text, _ = await stream(client, n)
+    expected = scripted_output(PROMPT, n)
+    assert ids == expected
+    assert text == "".join(f"<{t}>" for t in expected)
+    assert mesh.received[1][1].resumed_tokens == 4
 
 
 async def test_a_worker_only_presumed_dead_cannot_interleave_its_tokens(tmp_path):
