@@ -106,8 +106,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     instance_id: str | None = None  # set by the router
     # a failover's resubmission: the last this many prompt tokens are output the request
     # already streamed (``sampling.max_tokens`` counts what is left); the worker goes on as
-    # the request would have: they count for the penalties, and a seeded request's random
-    # stream starts past their draws
+    # the request would have: they count for the penalties, a seeded request's random stream
+    # starts past their draws, and their text is sent again first (the gateway skips what
+    # the client has)
     resumed_tokens: int = 0
 
 
