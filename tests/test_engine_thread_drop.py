@@ -236,15 +236,15 @@ def test_once_every_held_request_is_aborted_the_queue_runs_during_the_exchange(
 
 def test_a_member_committed_before_the_leader_serves_on_solo_until_it_enters(
         model, rank1_exchange_held):
-    """Rank 1 gets its join 0.1 s before the leader does: it goes on decoding its request
+    """Rank 1 gets its join 0.3 s before the leader does: it goes on decoding its request
     solo meanwhile (a worker's requests get tokens rather than wait for a late leader), then
     joins; every token is still transformers'."""
     prompts = make_prompts(2, vocab=500, seed=13, lengths=[12, 17])
-    max_tokens = 4 * MAX_TOKENS  # a step takes a few ms here: b0 must not finish solo
+    max_tokens = 8 * MAX_TOKENS  # a step takes a few ms here: b0 must not finish solo
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     own = {0: {"a0": prompts[0]}, 1: {"b0": prompts[1]}}
     seen: dict = {}
-    with joined_pair(model, own, params, rank1_exchange_held, leader_late_s=0.1,
+    with joined_pair(model, own, params, rank1_exchange_held, leader_late_s=0.3,
                      seen=seen) as (outlets, _, joins):
         assert seen["solo_tokens_while_waiting"]["b0"] >= 2
         rank1_exchange_held.set()

@@ -390,7 +390,7 @@ async def test_requests_that_cannot_work_are_400(mesh):
 
 async def test_reconfigurations_of_other_instances_run_concurrently_the_same_ones_are_409(mesh):
     w1, w2, w3, w4 = await mesh.add_workers("w1", "w2", "w3", "w4")
-    w1.delays["prepare"] = 1.0
+    w1.delays["prepare"] = 2.0  # the other drop must be done well within it
     await mesh.start_planner(num_layers=4)
 
     slow = asyncio.create_task(mesh.reconfigure(action="drop", instances=["w1", "w2"]))
