@@ -11,7 +11,9 @@ admission budget is given back, its updates no longer routed. ``close`` is synch
 idempotent, so it is safe in ``finally`` blocks that run on cancellation.
 
 Failover: when the instance holding the request dies (``failover.InstanceWatchdog`` calls
-``instance_lost``), the request is submitted again, as a new *attempt*: prompt = the original
+``instance_lost``), or says it lost the request (``RequestUpdate.lost``: a group member whose
+group broke after it handed the request to the leader, before any update came from the
+leader), the request is submitted again, as a new *attempt*: prompt = the original
 prompt + the tokens already streamed, ``max_tokens`` less those, same seed; its updates then
 continue the same ``updates`` iterator; ``resumed_tokens`` tells the worker that the prompt's
 tail is output, so presence/frequency penalties count it and a seeded request's random stream
@@ -226,8 +228,15 @@ class Generation:
             except msgspec.DecodeError as exc:
                 logger.warning("dropped a malformed update of %s: %s", self.request_id, exc)
                 continue
-            if update.request_id == self._attempt.request_id:  # else: an abandoned attempt's
+            if update.request_id != self._attempt.request_id:  # an abandoned attempt's
+                continue
+            if not update.lost:
                 return update
+            if update.instance_id == self.instance_id:  # its holder lost it: resubmit
+                first = await self._fail_over()
+                if first is not None:
+                    return first
+            # else: it follows another instance by now, which serves it
 
     def _new_text_only(self, update: RequestUpdate) -> RequestUpdate:
         """A resubmission's worker sends the streamed tokens' text again first (their part

@@ -73,6 +73,14 @@ class HandedOff:
 
 
 @dataclass
+class Lost:
+    """Requests this instance handed to its group's leader, when the group broke: if the
+    leader died with them, nobody serves them (the gateway resubmits them)."""
+
+    request_ids: list[str]
+
+
+@dataclass
 class Adopted:
     """Requests another instance started and this one serves from now on."""
 
@@ -102,7 +110,8 @@ class Role:
         return self.state == "pipelined" and self.stage > 0
 
 
-Event = list[RequestOutput] | Accepted | Aborted | LoadReport | HandedOff | Adopted | RoleChanged
+Event = (list[RequestOutput] | Accepted | Aborted | LoadReport | HandedOff | Adopted | Lost
+         | RoleChanged)
 
 
 @dataclass
@@ -505,9 +514,11 @@ class EngineThread:
             if not isinstance(exc, reconfigure.GroupFailed):
                 reconfigure.fall_back(engine, membership)
             logger.warning("group %s broke, serving solo: %s", membership.group_id, exc)
+            await self._outlet.emit(Lost(membership.handed_off))
         except Exception:  # the stage loop itself failed: leave the group, serve solo
             logger.exception("stage loop failed")
             reconfigure.fall_back(engine, membership)
+            await self._outlet.emit(Lost(membership.handed_off))
         pull.cancel()  # a broken group closed the layer link: its thread has returned
         self._membership, self._stage_task = None, None
         await self._announce_moves(engine, set())

@@ -75,6 +75,7 @@ from kunserve.worker.engine_thread import (
     Event,
     GroupCommand,
     HandedOff,
+    Lost,
     Role,
     RoleChanged,
 )
@@ -188,6 +189,10 @@ class UpdatePublisher:
             self._live[event.request_id] = _Live(event.num_prompt_tokens, now,
                                                  now if event.num_output_tokens else None)
             self._server_loop.call_soon_threadsafe(self._on_moved, event)
+        elif isinstance(event, Lost):
+            for request_id in event.request_ids:
+                await self._publish(RequestUpdate(request_id=request_id,
+                                                  instance_id=self.instance_id, lost=True))
         elif isinstance(event, RoleChanged):
             self._server_loop.call_soon_threadsafe(self._on_moved, event)
 

@@ -125,6 +125,10 @@ class RequestUpdate(msgspec.Struct, kw_only=True):
     finished: bool = False
     finish_reason: str | None = None
     error: str | None = None
+    # the sender no longer has the request: it handed it to its group's leader at a drop and
+    # the group broke; the gateway resubmits it unless its updates come from another
+    # instance by now (that one holds it; its death is noticed as any instance's)
+    lost: bool = False
     # the error is the request's (a prompt this instance cannot hold, bad sampling values):
     # the client gets a 400, not a 500
     invalid_request: bool = False

@@ -261,6 +261,39 @@ class InMemoryMesh:
         pass
 
 
+async def test_a_request_its_holder_lost_is_resubmitted_and_one_it_no_longer_holds_is_not():
+    """A group member whose group broke says it lost the requests it had handed to the
+    (dead) leader (``lost``): the request it still holds for the gateway is resubmitted; a
+    ``lost`` from an instance the request no longer follows changes nothing."""
+    mesh = InMemoryMesh()
+    admission = AdmissionController(10, 10_000)
+    tracker = RequestTracker("r", Arrival.now(), MODEL_NAME, 3, True, MagicMock(),
+                             GatewayMetrics(MODEL_NAME, admission),
+                             TracerProvider().get_tracer("t").start_span("s"))
+    request = GenerateRequest(request_id="r", prompt_token_ids=PROMPT,
+                              sampling=Sampling(max_tokens=6, seed=7))
+    generation = Generation(request, mesh, tracker, admission.try_admit(3), 5, 5,
+                            max_failovers=1)
+    await generation.start({})
+    updates = generation.updates()
+    mesh.send("r", "w-1", token_ids=[10])
+    assert (await anext(updates)).token_ids == [10]
+    mesh.send("r", "w-9", lost=True)  # not its holder: ignored
+    mesh.send("r", "w-1", token_ids=[11])
+    assert (await anext(updates)).token_ids == [11]
+    assert len(mesh.submitted) == 1
+    mesh.send("r", "w-1", lost=True)  # its holder: resubmitted with what streamed
+    third = asyncio.ensure_future(anext(updates))
+    while len(mesh.submitted) < 2:
+        await asyncio.sleep(0)
+    assert mesh.submitted[-1].request_id == "r-r1"
+    assert mesh.submitted[-1].prompt_token_ids == PROMPT + [10, 11]
+    assert mesh.submitted[-1].resumed_tokens == 2
+    mesh.send("r-r1", "w-2", token_ids=[12])
+    assert (await third).token_ids == [12]
+    generation.close()
+
+
 async def test_updates_queued_behind_the_loss_are_dropped():
     """A slow client leaves updates queued; the worker, only presumed dead, sends more after
     the gateway gave it up: those (token 999) never reach the client, the new attempt's do."""

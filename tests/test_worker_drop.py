@@ -166,6 +166,31 @@ async def test_a_member_killed_while_pipelined_leaves_the_leader_solo_finishing_
         assert stream.token_ids == hf_greedy(mesh_model_dir, prompt, KILLED_TOKENS)
 
 
+async def test_a_leader_killed_after_the_commit_leaves_the_member_saying_what_it_lost(
+        spawn_workers, nc, rclient, store, mesh_model_dir):
+    """w1 handed its requests to the leader w0 at the commit; w0 dies at once. w1 falls back
+    to solo and tells the gateway, request by request, that it lost them (``lost``: the
+    gateway resubmits those it still attributes to w1), then serves new requests solo."""
+    ids = ["w0", "w1"]
+    workers = spawn_workers(ids)
+    prompts = make_prompts(4, vocab=500, lengths=[8, 21, 3, 15])
+    streams = await start_streams(nc, ids, prompts, LONG_TOKENS)  # w0, w1, w0, w1
+    await drop(nc, ids, plan(store, ids, epoch=1))
+    os.kill(workers[0].process.pid, signal.SIGKILL)
+    await wait_for_load(rclient, "w1", lambda x: x.state == "solo", timeout=40)
+    on_w1 = streams[1::2]
+    async with asyncio.timeout(30):
+        while not all(any(u.lost for u in s.updates) for s in on_w1):
+            await asyncio.sleep(0.05)
+    for stream in on_w1:
+        lost = [u for u in stream.updates if u.lost]
+        assert [u.instance_id for u in lost] == ["w1"] and not lost[0].finished
+    assert not any(u.lost for s in streams[0::2] for u in s.updates)  # w0's own: not w1's
+    stream = await send(nc, "w1", make_request(prompts[0], MAX_TOKENS))
+    await stream.finished(60)
+    assert stream.token_ids == hf_greedy(mesh_model_dir, prompts[0], MAX_TOKENS)
+
+
 async def test_migration_moves_running_requests_with_their_kv(
         spawn_workers, nc, rclient, store, mesh_model_dir):
     """The llumnix policy's mechanism: w0's running requests go to the idle w1 with their KV

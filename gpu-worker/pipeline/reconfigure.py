@@ -122,6 +122,8 @@ class Membership:
     exchange: KVExchange | None = None  # a drop's KV exchange, running beside the group
     moved: MoveStats | None = None  # a drop's KV exchange that ran before serving
     params_release: ParamsRelease | None = None  # the dropped layers going back to the kernel
+    # a member's requests, handed to the leader at the drop: lost with it if the group breaks
+    handed_off: list[str] = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -344,7 +346,8 @@ def drop(engine: LLMEngine, link: StageLink, group_id: str,
     memory = replace(plan, num_blocks=layout.num_blocks)
     executor = StageExecutor(stage, cache)
     membership = Membership(link, group_id, layers, solo_memory, phases=phases,
-                            layer_link=layer_link)
+                            layer_link=layer_link,
+                            handed_off=[] if link.is_leader else [s.request_id for s in states])
     # the leader owns every request from here on (the others get none): if the group breaks,
     # it recomputes them. Of those whose KV moved, the ready ones can run once their first
     # stage's KV is in place on the leader: its own at once (the KV of its layers stayed),
