@@ -400,6 +400,8 @@ class EngineThread:
                                           on_exchanged=lambda x: self.add(ExchangeDone(x)))
         except reconfigure.GroupFailed:  # solo again; the leader kept every request
             await self._announce_moves(engine, before)
+            if not link.is_leader:  # lost if the leader died with them
+                await self._outlet.emit(Lost(sorted(before - set(engine.scheduler.requests))))
             raise
         self._membership = membership
         await self._announce_moves(engine, before, membership.exchange)
