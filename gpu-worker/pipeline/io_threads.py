@@ -38,8 +38,8 @@ class _SchedAttr(ctypes.Structure):  # linux/sched/types.h
 def shorten_io_slices(slice_us: int = IO_SLICE_US) -> None:
     """Ask for a ``slice_us`` slice for every gloo I/O thread of this process (asking again
     for one that has it changes nothing)."""
-    libc = _libc()
-    if slice_us <= 0 or libc is None:
+    libc = linux_libc()
+    if slice_us <= 0 or libc is None or _SYS_SCHED_SETATTR is None:
         return
     for tid in io_thread_ids():
         try:
@@ -53,9 +53,10 @@ def shorten_io_slices(slice_us: int = IO_SLICE_US) -> None:
 
 
 @functools.cache
-def _libc() -> ctypes.CDLL | None:
-    """The C library, where ``sched_setattr`` can be called (None elsewhere)."""
-    if not sys.platform.startswith("linux") or _SYS_SCHED_SETATTR is None:
+def linux_libc() -> ctypes.CDLL | None:
+    """The C library on Linux, for the calls Python does not wrap (``sched_setattr`` here,
+    ``madvise`` of tensors in ``kv_transfer``); None elsewhere."""
+    if not sys.platform.startswith("linux"):
         return None
     try:
         return ctypes.CDLL(None, use_errno=True)

@@ -42,7 +42,6 @@ import functools
 import itertools
 import mmap
 import os
-import sys
 import threading
 import time
 from collections import deque
@@ -53,6 +52,7 @@ import torch
 from kunserve.worker.group_layout import KVPiece
 from kunserve.worker.kv_cache import KVCache
 from kunserve.worker.memory_budget import KVGeometry
+from kunserve.worker.pipeline.io_threads import linux_libc
 from kunserve.worker.pipeline.stage_link import StageLink, StageLinkError
 
 RECEIVE_DEPTH = 4  # fresh receive buffers in flight when ``staging`` has no room
@@ -198,10 +198,9 @@ def return_pages(tensors: list[torch.Tensor]) -> int:
     """Give the whole pages of each CPU tensor's storage back to the kernel
     (``madvise(MADV_DONTNEED)``) and return how many bytes that was. The storages read as
     zeros afterwards: nothing may use them again. Freeing the tensors does not do this: the C
-    library keeps freed blocks of a few MB in its heap for reuse (a member's resident memory
-    did not fall after a drop), and where it does unmap one it does so holding the GIL. The
-    call goes through ctypes, which lets go of the GIL meanwhile, so this process's serving
-    threads run beside it. Elsewhere than Linux, and for tensors not on the CPU, nothing
+    library kept the freed blocks in its heap for reuse (a member's resident memory did not
+    fall after a drop). The call goes through ctypes, which lets go of the GIL meanwhile, so
+    this process's serving threads run beside it. Elsewhere than Linux, and for tensors not on the CPU, nothing
     happens."""
     advise = _madvise()
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage() for t in tensors
@@ -221,12 +220,10 @@ _MADV_DONTNEED = 4  # Linux
 @functools.cache
 def _madvise():
     """libc's ``madvise`` (None off Linux)."""
-    if not sys.platform.startswith("linux"):
+    libc = linux_libc()
+    if libc is None:
         return None
-    try:
-        advise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
+    advise = libc.madvise
     advise.argtypes, advise.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
     return advise
 
